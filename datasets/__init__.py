@@ -1,0 +1,93 @@
+"""Detection datasets behind one sample format (DESIGN.md §3, §7), built by name.
+
+``build_dataset("synthetic-coco", "train")`` generates the embedded synthetic set on first use
+(cached under ``$DETPRUNE_HOME/data``) and reads it through the real COCO loader, so the default
+suite exercises the same code as ``build_dataset("coco", "val", root=...)`` on real data.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from datasets.base import DatasetError, DetectionDataset, ImageRecord, collate
+from datasets.coco import CocoDetection
+from datasets.kitti import KittiDetection
+from datasets.synthetic import generate
+
+DATASETS: tuple[str, ...] = ("synthetic-coco", "synthetic-kitti", "coco", "kitti")
+SPLITS = ("train", "val")
+_SYNTHETIC_OPTIONS = {"seed": 0, "num_train": 512, "num_val": 128, "image_size": 128}
+_OPTIONS = {
+    "synthetic-coco": {*_SYNTHETIC_OPTIONS, "transform"},
+    "synthetic-kitti": {*_SYNTHETIC_OPTIONS, "split_seed", "val_fraction", "transform"},
+    "coco": {"year", "transform"},
+    "kitti": {"split_seed", "val_fraction", "transform"},
+}
+
+__all__ = [
+    "DATASETS",
+    "CocoDetection",
+    "DatasetError",
+    "DetectionDataset",
+    "ImageRecord",
+    "KittiDetection",
+    "build_dataset",
+    "collate",
+    "default_data_dir",
+    "synthetic_root",
+]
+
+
+def default_data_dir() -> Path:
+    """Where generated data is cached: ``$DETPRUNE_HOME/data`` (``.detprune/data`` by default)."""
+    return Path(os.environ.get("DETPRUNE_HOME", ".detprune")) / "data"
+
+
+def synthetic_root(cache: str | Path | None = None, **options: Any) -> Path:
+    """The folder of the synthetic set with ``options`` (seed, num_train, num_val, image_size)."""
+    o = {**_SYNTHETIC_OPTIONS, **options}
+    name = f"synthetic-s{o['seed']}-n{o['num_train']}-v{o['num_val']}-i{o['image_size']}"
+    return Path(cache if cache is not None else default_data_dir()) / name
+
+
+def build_dataset(name: str, split: str, root: str | Path | None = None, **options: Any) -> DetectionDataset:
+    """Dataset ``name`` (one of ``DATASETS``), split ``"train"`` or ``"val"``.
+
+    ``root``: the cache folder for the synthetic sets, the data folder for ``coco`` / ``kitti``
+    (required there). Options: synthetic ``seed, num_train, num_val, image_size``; KITTI-style
+    ``split_seed`` (default 0) and ``val_fraction`` (0.2); ``coco`` ``year`` ("2017"); all
+    ``transform``, a callable ``(image, target) -> (image, target)``.
+    """
+    if name not in _OPTIONS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r} for {name!r}; known: {', '.join(SPLITS)}")
+    unknown = sorted(set(options) - _OPTIONS[name])
+    if unknown:
+        raise DatasetError(
+            f"unknown option(s) {', '.join(unknown)} for {name!r}; known: {sorted(_OPTIONS[name])}"
+        )
+    transform = options.pop("transform", None)
+    kitti_options = {"seed": options.pop("split_seed", 0), "val_fraction": options.pop("val_fraction", 0.2)}
+
+    if name.startswith("synthetic-"):
+        params = {**_SYNTHETIC_OPTIONS, **options}
+        data = generate(synthetic_root(root, **params), **params)
+        if name == "synthetic-coco":
+            coco = data / "coco"
+            return CocoDetection(coco / split, coco / "annotations" / f"instances_{split}.json", transform)
+        return KittiDetection(data / "kitti", split, transform=transform, **kitti_options)
+
+    if root is None:
+        raise DatasetError(f"dataset {name!r} needs root=<its data folder>")
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: {name} data folder not found")
+    if name == "coco":
+        year = options.get("year", "2017")
+        return CocoDetection(
+            root / f"{split}{year}", root / "annotations" / f"instances_{split}{year}.json", transform
+        )
+    return KittiDetection(root, split, transform=transform, **kitti_options)

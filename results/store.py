@@ -1,0 +1,242 @@
+"""The results store: one SQLite file per results directory, one row per finished cell.
+
+A suite can be killed at any moment and rerun; the runner then skips every cell whose id is
+already stored. That only works if a row is either fully there or not there at all, so each
+``put`` is one INSERT inside one transaction (SQLite's journal makes it atomic), the cell id
+is the primary key (no duplicates, even from two processes), and every operation opens its
+own short-lived connection with a busy timeout so parallel executors can share the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import sqlite3
+from collections.abc import Mapping
+from contextlib import closing
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+TABLE = "results"
+DEFAULT_FILENAME = "results.sqlite"
+
+# The schema, defined once: the table, the validation in ``put`` and the frame's column
+# order all derive from it. Fractions (``*_pr``, ``target_rate``, ``map`` ...) are 0..1.
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("cell_id", "TEXT"),
+    ("suite", "TEXT"),
+    ("detector", "TEXT"),
+    ("dataset", "TEXT"),
+    ("method", "TEXT"),
+    ("target", "TEXT"),  # "params:0.3"; "" for the unpruned base row
+    ("target_kind", "TEXT"),  # "params" / "flops" / "channels" / ""
+    ("target_rate", "REAL"),  # NULL for the base row
+    ("seed", "INTEGER"),
+    ("regime", "TEXT"),  # baseline training regime: "plain", "ldt", ...
+    ("input_size", "INTEGER"),
+    ("metric", "TEXT"),  # "ap" (AP@[.5:.95]) or "ap50": what the dataset's tables call mAP
+    ("achieved_params_pr", "REAL"),
+    ("achieved_flops_pr", "REAL"),
+    ("achieved_channels_pr", "REAL"),
+    ("params_m", "REAL"),
+    ("gmacs", "REAL"),
+    ("map", "REAL"),  # AP@[.5:.95]
+    ("ap50", "REAL"),
+    ("ap75", "REAL"),
+    ("aps", "REAL"),
+    ("apm", "REAL"),
+    ("apl", "REAL"),
+    ("core_ms_median", "REAL"),
+    ("core_ms_p90", "REAL"),
+    ("predict_ms_median", "REAL"),
+    ("predict_ms_p90", "REAL"),
+    ("threads", "INTEGER"),
+    ("cpu", "TEXT"),
+    ("gpu", "TEXT"),
+    ("device", "TEXT"),
+    ("train_seconds", "REAL"),
+    ("prune_seconds", "REAL"),
+    ("finetune_seconds", "REAL"),
+    ("eval_seconds", "REAL"),
+    ("model_path", "TEXT"),
+    ("baseline_path", "TEXT"),
+    ("config", "TEXT"),  # JSON
+    ("report", "TEXT"),  # JSON
+    ("env", "TEXT"),  # JSON
+    ("created_at", "TEXT"),  # ISO 8601, UTC; filled in by put when absent
+)
+COLUMN_NAMES: tuple[str, ...] = tuple(name for name, _ in COLUMNS)
+JSON_COLUMNS: frozenset[str] = frozenset({"config", "report", "env"})
+# A row without these cannot be placed in any table, so the database refuses it too.
+REQUIRED: frozenset[str] = frozenset({"cell_id", "suite", "detector", "dataset", "method"})
+_TYPES: dict[str, str] = dict(COLUMNS)
+_NAMES_SQL = ", ".join(COLUMN_NAMES)
+_SLOTS_SQL = ", ".join("?" for _ in COLUMN_NAMES)
+
+
+class DuplicateCellError(ValueError):
+    """A row for this cell id is already stored (a finished cell is never run twice)."""
+
+
+class SchemaMismatchError(RuntimeError):
+    """The file was written with another column set; mixing them would corrupt the tables."""
+
+
+def _create_sql() -> str:
+    cols = []
+    for name, sqltype in COLUMNS:
+        extra = " PRIMARY KEY" if name == "cell_id" else " NOT NULL" if name in REQUIRED else ""
+        cols.append(f"{name} {sqltype}{extra}")
+    return f"CREATE TABLE IF NOT EXISTS {TABLE} ({', '.join(cols)})"
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Turn one value into what SQLite stores for its column, or say clearly why not.
+
+    Checked here rather than left to SQLite, whose dynamic typing would happily store a
+    string in a REAL column and break every table built later.
+    """
+    if value is None:
+        return None
+    sqltype = _TYPES[name]
+    if name in JSON_COLUMNS:
+        if isinstance(value, str):
+            try:
+                json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"column {name!r} holds JSON; got an unparsable string") from exc
+            return value
+        # sort_keys: the same config always serialises to the same text.
+        return json.dumps(value, sort_keys=True, default=str)
+    if sqltype == "TEXT":
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        raise ValueError(f"column {name!r} is TEXT; got {type(value).__name__} {value!r}")
+    if sqltype == "INTEGER":
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        raise ValueError(f"column {name!r} is INTEGER; got {type(value).__name__} {value!r}")
+    if isinstance(value, numbers.Real):  # REAL; numpy scalars register as numbers.Real
+        value = float(value)
+        return None if math.isnan(value) else value
+    raise ValueError(f"column {name!r} is REAL; got {type(value).__name__} {value!r}")
+
+
+class ResultStore:
+    """One SQLite results file. Cheap to construct; holds no open connection.
+
+    ``path`` is the SQLite file, or a results directory (an existing directory, or a path
+    without a suffix), in which case the file is ``<path>/results.sqlite``.
+    """
+
+    def __init__(self, path: Path | str, timeout: float = 60.0) -> None:
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path = path / DEFAULT_FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.timeout = timeout
+        with closing(self._connect()) as conn:
+            # WAL is persistent in the file: readers never block the writer and a killed
+            # writer's uncommitted transaction is simply discarded on the next open.
+            conn.execute("PRAGMA journal_mode=WAL")
+            with conn:
+                conn.execute(_create_sql())
+            found = tuple(r[1] for r in conn.execute(f"PRAGMA table_info({TABLE})"))
+        if found != COLUMN_NAMES:
+            missing = sorted(set(COLUMN_NAMES) - set(found))
+            extra = sorted(set(found) - set(COLUMN_NAMES))
+            detail = f"missing {missing}, extra {extra}"
+            raise SchemaMismatchError(f"{self.path} has another schema ({detail}); use a new file")
+
+    def __repr__(self) -> str:
+        return f"ResultStore({str(self.path)!r})"
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.path, timeout=self.timeout)
+
+    def put(self, row: Mapping[str, Any], replace: bool = False) -> None:
+        """Store one finished cell atomically.
+
+        Raises ValueError for unknown columns, missing required ones or wrongly typed values,
+        and DuplicateCellError when the cell is already stored, unless ``replace`` is true.
+        """
+        unknown = sorted(set(row) - set(COLUMN_NAMES))
+        if unknown:
+            raise ValueError(f"unknown result columns {unknown}; known: {list(COLUMN_NAMES)}")
+        missing = sorted(k for k in REQUIRED if row.get(k) in (None, ""))
+        if missing:
+            raise ValueError(f"result row lacks required columns {missing}")
+        values = {name: _coerce(name, row.get(name)) for name in COLUMN_NAMES}
+        if values["created_at"] is None:
+            values["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        sql = f"{verb} INTO {TABLE} ({_NAMES_SQL}) VALUES ({_SLOTS_SQL})"
+        try:
+            with closing(self._connect()) as conn, conn:
+                conn.execute(sql, tuple(values[n] for n in COLUMN_NAMES))
+        except sqlite3.IntegrityError as exc:
+            if "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc):
+                raise DuplicateCellError(
+                    f"cell {values['cell_id']!r} is already stored in {self.path}; "
+                    "pass replace=True to overwrite it"
+                ) from exc
+            raise
+
+    def has(self, cell_id: str) -> bool:
+        """Whether the cell is finished (its row is stored)."""
+        with closing(self._connect()) as conn:
+            hit = conn.execute(f"SELECT 1 FROM {TABLE} WHERE cell_id = ?", (cell_id,)).fetchone()
+        return hit is not None
+
+    def get(self, cell_id: str) -> dict[str, Any] | None:
+        """One stored row as a dict with the JSON columns decoded, or None."""
+        with closing(self._connect()) as conn:
+            sql = f"SELECT {_NAMES_SQL} FROM {TABLE} WHERE cell_id = ?"
+            hit = conn.execute(sql, (cell_id,)).fetchone()
+        if hit is None:
+            return None
+        row = dict(zip(COLUMN_NAMES, hit, strict=True))
+        for name in JSON_COLUMNS:
+            if row[name] is not None:
+                row[name] = json.loads(row[name])
+        return row
+
+    def finished_ids(self, suite: str | None = None) -> set[str]:
+        """The ids of all stored cells, optionally of one suite only."""
+        sql, params = self._select("cell_id", suite)
+        with closing(self._connect()) as conn:
+            return {r[0] for r in conn.execute(sql, params)}
+
+    def frame(self, suite: str | None = None) -> pd.DataFrame:
+        """All rows (or one suite's) in schema column order, sorted by cell id.
+
+        JSON columns stay strings; ``json.loads`` them where needed.
+        """
+        sql, params = self._select(_NAMES_SQL, suite)
+        with closing(self._connect()) as conn:
+            df = pd.read_sql_query(sql + " ORDER BY cell_id", conn, params=params)
+        return df.reindex(columns=list(COLUMN_NAMES))
+
+    def delete(self, cell_id: str) -> bool:
+        """Remove a cell's row so the next suite run redoes it; True if a row was removed."""
+        with closing(self._connect()) as conn, conn:
+            cur = conn.execute(f"DELETE FROM {TABLE} WHERE cell_id = ?", (cell_id,))
+        return cur.rowcount > 0
+
+    def __len__(self) -> int:
+        with closing(self._connect()) as conn:
+            return int(conn.execute(f"SELECT COUNT(*) FROM {TABLE}").fetchone()[0])
+
+    @staticmethod
+    def _select(what: str, suite: str | None) -> tuple[str, tuple[str, ...]]:
+        if suite is None:
+            return f"SELECT {what} FROM {TABLE}", ()
+        return f"SELECT {what} FROM {TABLE} WHERE suite = ?", (suite,)

@@ -1,0 +1,1 @@
+"""Suites -> cells -> rows: the pipeline, the training loop, measurements and the CLI."""

@@ -1,0 +1,218 @@
+"""The cell pipeline (DESIGN.md §3): baseline -> prune a copy -> fine-tune -> measure -> one row.
+
+Nothing is lost to a crash: baselines and pruned models are written atomically, and a cell's row
+is written in one transaction only once the cell has finished, so a killed suite resumes at the
+first unfinished cell.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from datasets import build_dataset
+from datasets.base import DetectionDataset
+from detectors import Detector, build_detector, load_checkpoint, save_checkpoint
+from methods import Method, PruneContext, Target, build_method
+from results import ResultStore
+
+from . import measure
+from .evaluate import evaluate
+from .suite import Cell, Experiment, Suite
+from .train import train
+
+
+def default_work_dir() -> Path:
+    return Path(os.environ.get("DETPRUNE_HOME", ".detprune"))
+
+
+def calibration_batches(dataset: DetectionDataset, images: int, batch_size: int = 16) -> list:
+    """The first ``images`` training images, in a fixed order, as (images, targets) batches."""
+    count = min(images, len(dataset))
+    samples = [dataset[i] for i in range(count)]
+    return [
+        ([s[0] for s in samples[i : i + batch_size]], [s[1] for s in samples[i : i + batch_size]])
+        for i in range(0, count, batch_size)
+    ]
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+class Runner:
+    """Runs a suite's cells in order, skipping those the store already holds."""
+
+    def __init__(
+        self,
+        suite: Suite,
+        results_dir: Path = Path("results"),
+        work_dir: Path | None = None,
+        device: str = "cpu",
+        progress: bool = True,
+    ) -> None:
+        self.suite = suite
+        self.out_dir = Path(results_dir) / suite.name
+        self.work_dir = Path(work_dir) if work_dir else default_work_dir()
+        self.device = torch.device(device)
+        self.progress = progress
+        self.store = ResultStore(self.out_dir / "results.sqlite")
+        self._datasets: dict[str, tuple[DetectionDataset, DetectionDataset]] = {}
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def datasets(self, experiment: Experiment) -> tuple[DetectionDataset, DetectionDataset]:
+        key = json.dumps([experiment.dataset, experiment.data], sort_keys=True)
+        if key not in self._datasets:
+            options = dict(experiment.data)
+            root = options.pop("root", None)
+            if experiment.dataset.startswith("synthetic") and root is None:
+                root = self.work_dir / "data"
+            self._datasets[key] = (
+                build_dataset(experiment.dataset, "train", root=root, **options),
+                build_dataset(experiment.dataset, "val", root=root, **options),
+            )
+        return self._datasets[key]
+
+    def check_inputs(self) -> None:
+        """Open every dataset before any training, so a missing path fails at once."""
+        for experiment, _, _ in self.suite.experiments:
+            self.datasets(experiment)
+
+    def _build(self, cell: Cell, num_classes: int) -> Detector:
+        torch.manual_seed(cell.seed)
+        exp = cell.experiment
+        return build_detector(
+            exp.detector, num_classes, size=exp.size, input_size=cell.input_size, **exp.detector_options
+        )
+
+    def baseline(self, cell: Cell) -> tuple[Detector, Path, float]:
+        """The trained baseline of ``cell``: from the cache, or trained once and cached."""
+        path = self.work_dir / "baselines" / f"{cell.baseline_key}.pt"
+        if path.is_file():
+            model, meta = load_checkpoint(path)
+            return model.to(self.device), path, float(meta.get("train_seconds", 0.0))
+        train_set, _ = self.datasets(cell.experiment)
+        model = self._build(cell, len(train_set.classes)).to(self.device)
+        extra = None
+        if cell.regime != "plain":
+            method = build_method(cell.regime, **cell.method_options)  # the method that owns the regime
+            ctx = PruneContext(seed=cell.seed, device=self.device, progress=self.progress)
+            extra = lambda m, batch, losses: method.train_loss(m, ctx, batch, losses)  # noqa: E731
+        stats = train(
+            model, train_set, cell.train, seed=cell.seed, extra_loss=extra,
+            desc=f"baseline {cell.experiment.detector}/{cell.experiment.dataset}", progress=self.progress,
+        )  # fmt: skip
+        save_checkpoint(model, path, {"train_seconds": stats["seconds"], "baseline_key": cell.baseline_key})
+        return model, path, stats["seconds"]
+
+    # -- one cell -------------------------------------------------------------------------------
+    def _measure(self, model: Detector, cell: Cell, val_set: DetectionDataset) -> dict[str, Any]:
+        start = time.perf_counter()
+        metrics = evaluate(model, val_set, cell.evaluate["batch_size"], self.progress)
+        eval_seconds = time.perf_counter() - start
+        image = val_set[0][0]
+        timing = measure.latency(model, image, cell.measure["warmup"], cell.measure["rounds"])
+        return {**metrics, **measure.size(model), **timing, "eval_seconds": eval_seconds}
+
+    def _row(self, cell: Cell, values: dict[str, Any]) -> dict[str, Any]:
+        env = measure.environment(self.device)
+        target = Target.parse(cell.target) if cell.target else None
+        _, val_set = self.datasets(cell.experiment)
+        return {
+            "cell_id": cell.cell_id,
+            "suite": cell.suite,
+            "detector": f"{cell.experiment.detector}-{cell.experiment.size}",
+            "dataset": cell.experiment.dataset,
+            "method": cell.method,
+            "target": cell.target,
+            "target_kind": target.kind if target else "",
+            "target_rate": target.rate if target else None,
+            "seed": cell.seed,
+            "regime": cell.regime,
+            "input_size": cell.input_size,
+            "metric": getattr(val_set, "metric", "ap"),
+            "threads": env["threads"],
+            "cpu": env["cpu"],
+            "gpu": env["gpu"],
+            "device": env["device"],
+            "config": json.dumps(cell.config(), sort_keys=True),
+            "env": json.dumps(env, sort_keys=True),
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **values,
+        }
+
+    def run_base(self, cell: Cell) -> dict[str, Any]:
+        model, path, train_seconds = self.baseline(cell)
+        _, val_set = self.datasets(cell.experiment)
+        values = self._measure(model, cell, val_set)
+        values |= {
+            "achieved_params_pr": 0.0,
+            "achieved_flops_pr": 0.0,
+            "achieved_channels_pr": 0.0,
+            "train_seconds": train_seconds,
+            "baseline_path": _relative(path),
+            "model_path": _relative(path),
+        }
+        return self._row(cell, values)
+
+    def run_pruned(self, cell: Cell) -> dict[str, Any]:
+        model, base_path, train_seconds = self.baseline(cell)
+        train_set, val_set = self.datasets(cell.experiment)
+        method: Method = build_method(cell.method, **cell.method_options)
+        ctx = PruneContext(
+            calibration=calibration_batches(train_set, cell.prune["calibration_images"]),
+            seed=cell.seed,
+            round_to=cell.prune["round_to"],
+            max_layer_ratio=cell.prune["max_layer_ratio"],
+            tolerance=cell.prune["tolerance"],
+            device=self.device,
+            progress=self.progress,
+        )
+        report = method.prune(model, ctx, Target.parse(cell.target))
+        stats = train(
+            model, train_set, cell.finetune, seed=cell.seed,
+            extra_loss=lambda m, batch, losses: method.train_loss(m, ctx, batch, losses),
+            desc=f"fine-tune {cell.label}", progress=self.progress,
+        )  # fmt: skip
+        path = save_checkpoint(model, self.work_dir / "models" / cell.suite / f"{cell.cell_id}.pt", {"cell": cell.label})
+        reloaded, _ = load_checkpoint(path)  # a pruned checkpoint that cannot be reloaded is a failed cell
+        reloaded.predict([val_set[0][0]])
+        values = self._measure(model, cell, val_set)
+        values |= {
+            "achieved_params_pr": report.achieved["params"],
+            "achieved_flops_pr": report.achieved["flops"],
+            "achieved_channels_pr": report.achieved["channels"],
+            "train_seconds": train_seconds,
+            "prune_seconds": report.seconds,
+            "finetune_seconds": stats["seconds"],
+            "baseline_path": _relative(base_path),
+            "model_path": _relative(path),
+            "report": json.dumps(report.to_dict(), sort_keys=True, default=str),
+        }
+        return self._row(cell, values)
+
+    # -- the grid -------------------------------------------------------------------------------
+    def run(self) -> dict[str, int]:
+        self.check_inputs()
+        cells = self.suite.cells()
+        done = self.store.finished_ids()
+        todo = [c for c in cells if c.cell_id not in done]
+        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"suite {self.suite.name}",
+                   disable=not self.progress, dynamic_ncols=True)  # fmt: skip
+        for cell in todo:
+            bar.set_postfix_str(cell.label)
+            row = self.run_base(cell) if cell.method == "base" else self.run_pruned(cell)
+            self.store.put(row)
+            bar.update()
+        bar.close()
+        return {"cells": len(cells), "ran": len(todo), "skipped": len(cells) - len(todo)}

@@ -1,0 +1,160 @@
+"""``detprune``: run suites, regenerate tables, list what exists, prune one model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from datasets import DATASETS, DatasetError, build_dataset
+from detectors import DetectorError, build_detector, detector_names, load_checkpoint, save_checkpoint
+from methods import MethodError, PruneContext, Target, build_method, method_names
+from results import ResultStore, render_table, write_reports
+
+from .cells import Runner, calibration_batches
+from .suite import SuiteError, load_suite, suite_names
+from .train import Schedule, train
+
+USER_ERRORS = (DatasetError, DetectorError, MethodError, SuiteError, FileNotFoundError)
+
+
+def _report(suite_arg: str, results_dir: Path) -> list[Path]:
+    """Tables for the suite's current cells only: rows of an edited suite's old cells stay out."""
+    suite = load_suite(suite_arg)
+    out_dir = results_dir / suite.name
+    store_path = out_dir / "results.sqlite"
+    if not store_path.is_file():
+        raise SuiteError(f"no results for suite '{suite.name}' at {store_path}; run it first")
+    frame = ResultStore(store_path).frame(suite.name)
+    frame = frame[frame["cell_id"].isin({c.cell_id for c in suite.cells()})]
+    paths = write_reports(frame, out_dir, suite.name)
+    for dataset in sorted(frame["dataset"].unique()):
+        print(f"\n## {suite.name} / {dataset}\n")
+        print(render_table(frame[frame["dataset"] == dataset]))
+    return paths
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    suite = load_suite(args.suite)
+    runner = Runner(suite, args.results_dir, args.work_dir, args.device, progress=not args.no_progress)
+    counts = runner.run()
+    print(f"suite {suite.name}: {counts['cells']} cells, {counts['ran']} run, {counts['skipped']} already done")
+    _report(args.suite, args.results_dir)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    for path in _report(args.suite, args.results_dir):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    print("methods:   " + ", ".join(method_names()))
+    print("detectors: " + ", ".join(detector_names()))
+    print("datasets:  " + ", ".join(DATASETS))
+    print("suites:    " + ", ".join(suite_names()))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    target = Target.parse(args.target)
+    method = build_method(args.method)
+    train_set = build_dataset(args.data, "train", root=args.data_root)
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    try:
+        model, _ = load_checkpoint(checkpoint)
+    except DetectorError:
+        # a plain state_dict of an unpruned detector trained elsewhere
+        if not args.detector:
+            raise DetectorError(f"{checkpoint} is not a detprune checkpoint: name its --detector") from None
+        model = build_detector(args.detector, len(train_set.classes), args.size, args.input_size)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    if args.detector and model.spec["name"] != args.detector:
+        raise DetectorError(f"{checkpoint} holds a '{model.spec['name']}' detector, not '{args.detector}'")
+    device = torch.device(args.device)
+    model.to(device).eval()
+    ctx = PruneContext(
+        calibration=calibration_batches(train_set, args.calibration_images),
+        seed=args.seed,
+        round_to=args.round_to,
+        max_layer_ratio=args.max_layer_ratio,
+        device=device,
+    )
+    report = method.prune(model, ctx, target)
+    if args.finetune_epochs > 0:
+        schedule = Schedule(epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr)
+        train(model, train_set, schedule, seed=args.seed,
+              extra_loss=lambda m, b, losses: method.train_loss(m, ctx, b, losses), desc="fine-tune")  # fmt: skip
+    save_checkpoint(model, Path(args.out), {"prune_report": report.to_dict()})
+    achieved = ", ".join(f"{k} -{v:.1%}" for k, v in report.achieved.items())
+    print(f"pruned with {method.name} to {target}: {achieved}; "
+          f"{report.params_before / 1e6:.3f}M -> {report.params_after / 1e6:.3f}M params, "
+          f"{report.gmacs_before:.3f} -> {report.gmacs_after:.3f} GMACs; wrote {args.out}")  # fmt: skip
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="detprune", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def dirs(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--results-dir", type=Path, default=Path("results"), help="where results/<suite>/ lives")
+
+    run = sub.add_parser("run", help="run a suite (resumes where it stopped), then write its tables")
+    run.add_argument("suite", help="a suite name (see `detprune list`) or a TOML file")
+    dirs(run)
+    run.add_argument("--work-dir", type=Path, default=None, help="data, baselines, models (default .detprune)")
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--no-progress", action="store_true")
+    run.set_defaults(fn=cmd_run)
+
+    rep = sub.add_parser("report", help="regenerate a suite's tables and plots from its store")
+    rep.add_argument("suite")
+    dirs(rep)
+    rep.set_defaults(fn=cmd_report)
+
+    lst = sub.add_parser("list", help="list methods, detectors, datasets and suites")
+    lst.set_defaults(fn=cmd_list)
+
+    pr = sub.add_parser("prune", help="prune a trained detector once and save the pruned checkpoint")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--method", required=True)
+    pr.add_argument("--target", required=True, help="e.g. params:0.3, flops:0.4, channels:0.5")
+    pr.add_argument("--data", required=True, help=f"calibration dataset: one of {', '.join(DATASETS)}")
+    pr.add_argument("--data-root", default=None)
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--detector", default=None, help="needed for a plain state_dict checkpoint")
+    pr.add_argument("--size", default="tiny")
+    pr.add_argument("--input-size", type=int, default=128)
+    pr.add_argument("--round-to", type=int, default=8)
+    pr.add_argument("--max-layer-ratio", type=float, default=0.9)
+    pr.add_argument("--calibration-images", type=int, default=256)
+    pr.add_argument("--finetune-epochs", type=int, default=0)
+    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--lr", type=float, default=0.01)
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--device", default="cpu")
+    pr.set_defaults(fn=cmd_prune)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except USER_ERRORS as exc:
+        print(f"detprune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("detprune: interrupted; finished cells are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Suite files (TOML) -> cells (DESIGN.md §3).
+
+A cell is (experiment, method, target, seed) plus the schedules that shape it; its id is a hash
+of all of that, so a finished cell is recognised on rerun and a changed suite gets new cells.
+Each (experiment, seed, regime) also yields one ``base`` cell: the unpruned baseline's row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import DATASETS
+from detectors import detector_names
+from methods import MethodError, Target, build_method
+
+from .train import Schedule
+
+SUITES_DIR = Path(__file__).parent / "suites"
+SUITE_KEYS = {
+    "name", "description", "seeds", "methods", "targets", "input_size", "train", "finetune",
+    "prune", "measure", "evaluate", "method_options", "experiments",
+}  # fmt: skip
+PRUNE_DEFAULTS = {"round_to": 8, "max_layer_ratio": 0.9, "tolerance": 0.005, "calibration_images": 256}
+MEASURE_DEFAULTS = {"warmup": 3, "rounds": 20}
+EVALUATE_DEFAULTS = {"batch_size": 16}
+EXPERIMENT_KEYS = {"detector", "size", "dataset", "data", "detector_options", "methods", "targets"}
+
+
+class SuiteError(ValueError):
+    """A suite that cannot run, reported as one line naming the file."""
+
+
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    detector: str
+    size: str
+    dataset: str
+    data: dict[str, Any] = field(default_factory=dict)
+    detector_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Cell:
+    suite: str
+    experiment: Experiment
+    method: str  # "base" for the unpruned baseline row
+    target: str  # "" for the base row
+    seed: int
+    regime: str
+    input_size: int
+    train: Schedule
+    finetune: Schedule
+    prune: dict[str, Any]
+    measure: dict[str, Any]
+    evaluate: dict[str, Any]
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def baseline_key(self) -> str:
+        """What determines a trained baseline: not the method, target, or fine-tuning."""
+        return _hash(
+            {
+                "experiment": self.experiment.to_dict(),
+                "seed": self.seed,
+                "regime": self.regime,
+                "input_size": self.input_size,
+                "train": self.train.to_dict(),
+                # a regime other than plain trains with that method's loss and options
+                "regime_options": self.method_options if self.regime != "plain" else {},
+            }
+        )
+
+    def config(self) -> dict[str, Any]:
+        cfg = {
+            "baseline": self.baseline_key,
+            "method": self.method,
+            "method_options": self.method_options,
+            "target": self.target,
+            "measure": self.measure,
+            "evaluate": self.evaluate,
+        }
+        if self.method != "base":
+            cfg |= {"finetune": self.finetune.to_dict(), "prune": self.prune}
+        return cfg
+
+    @property
+    def cell_id(self) -> str:
+        return _hash(self.config())
+
+    @property
+    def label(self) -> str:
+        what = "base" if self.method == "base" else f"{self.method} {self.target}"
+        return f"{self.experiment.detector}-{self.experiment.size}/{self.experiment.dataset}/{what}/s{self.seed}"
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path
+    raw: dict[str, Any]
+    experiments: list[tuple[Experiment, list[str], list[str]]]
+    seeds: list[int]
+    input_size: int
+    train: Schedule
+    finetune: Schedule
+    prune: dict[str, Any]
+    measure: dict[str, Any]
+    evaluate: dict[str, Any]
+    method_options: dict[str, dict[str, Any]]
+
+    def cells(self) -> list[Cell]:
+        """Base cells first, so every baseline is trained and measured before any pruning."""
+        base, pruned = [], []
+        for experiment, methods, targets in self.experiments:
+            for seed in self.seeds:
+                common = dict(
+                    suite=self.name,
+                    experiment=experiment,
+                    seed=seed,
+                    input_size=self.input_size,
+                    train=self.train,
+                    finetune=self.finetune,
+                    prune=self.prune,
+                    measure=self.measure,
+                    evaluate=self.evaluate,
+                )
+                regimes = {"plain"} | {build_method(m, **self.method_options.get(m, {})).regime for m in methods}
+                base += [
+                    Cell(
+                        method="base",
+                        target="",
+                        regime=r,
+                        method_options=self.method_options.get(r, {}) if r != "plain" else {},
+                        **common,
+                    )
+                    for r in sorted(regimes)
+                ]
+                for method in methods:
+                    method_obj = build_method(method, **self.method_options.get(method, {}))
+                    for target in targets:
+                        pruned.append(
+                            Cell(
+                                method=method,
+                                target=target,
+                                regime=method_obj.regime,
+                                method_options=self.method_options.get(method, {}),
+                                **common,
+                            )
+                        )
+        return base + pruned
+
+
+def suite_names() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+
+
+def resolve_suite_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = SUITES_DIR / f"{name_or_path}.toml"
+    if packaged.is_file():
+        return packaged
+    raise SuiteError(f"unknown suite '{name_or_path}': not a file, and not one of {', '.join(suite_names())}")
+
+
+def _table(raw: dict[str, Any], key: str, defaults: dict[str, Any], where: Path) -> dict[str, Any]:
+    values = dict(raw.get(key, {}))
+    unknown = set(values) - set(defaults)
+    if unknown:
+        raise SuiteError(f"{where}: unknown [{key}] key(s): {', '.join(sorted(unknown))}")
+    return {**defaults, **values}
+
+
+def load_suite(name_or_path: str | Path) -> Suite:
+    path = resolve_suite_path(name_or_path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise SuiteError(f"{path}: not valid TOML ({exc})") from None
+    unknown = set(raw) - SUITE_KEYS
+    if unknown:
+        raise SuiteError(f"{path}: unknown key(s): {', '.join(sorted(unknown))}")
+    try:
+        train = Schedule.from_dict(raw.get("train"))
+        finetune = Schedule.from_dict(raw.get("finetune"))
+    except (TypeError, ValueError) as exc:
+        raise SuiteError(f"{path}: {exc}") from None
+    method_options = dict(raw.get("method_options", {}))
+    experiments = []
+    for i, entry in enumerate(raw.get("experiments", [])):
+        bad = set(entry) - EXPERIMENT_KEYS
+        if bad:
+            raise SuiteError(f"{path}: experiment {i}: unknown key(s): {', '.join(sorted(bad))}")
+        for key in ("detector", "dataset"):
+            if key not in entry:
+                raise SuiteError(f"{path}: experiment {i} names no {key}")
+        if entry["detector"] not in detector_names():
+            raise SuiteError(
+                f"{path}: unknown detector '{entry['detector']}'; known: {', '.join(detector_names())}"
+            )
+        if entry["dataset"] not in DATASETS:
+            raise SuiteError(f"{path}: unknown dataset '{entry['dataset']}'; known: {', '.join(DATASETS)}")
+        methods = list(entry.get("methods", raw.get("methods", [])))
+        targets = list(entry.get("targets", raw.get("targets", [])))
+        try:
+            for m in methods:
+                build_method(m, **method_options.get(m, {}))
+            targets = [str(Target.parse(t)) for t in targets]
+        except MethodError as exc:
+            raise SuiteError(f"{path}: {exc}") from None
+        experiment = Experiment(
+            detector=entry["detector"],
+            size=entry.get("size", "tiny"),
+            dataset=entry["dataset"],
+            data=dict(entry.get("data", {})),
+            detector_options=dict(entry.get("detector_options", {})),
+        )
+        experiments.append((experiment, methods, targets))
+    if not experiments:
+        raise SuiteError(f"{path}: no [[experiments]]")
+    return Suite(
+        name=raw.get("name", path.stem),
+        path=path,
+        raw=raw,
+        experiments=experiments,
+        seeds=[int(s) for s in raw.get("seeds", [0])],
+        input_size=int(raw.get("input_size", 128)),
+        train=train,
+        finetune=finetune,
+        prune=_table(raw, "prune", PRUNE_DEFAULTS, path),
+        measure=_table(raw, "measure", MEASURE_DEFAULTS, path),
+        evaluate=_table(raw, "evaluate", EVALUATE_DEFAULTS, path),
+        method_options=method_options,
+    )

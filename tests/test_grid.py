@@ -1,0 +1,118 @@
+"""A tiny end-to-end grid: baseline, prune, fine-tune, measure, store; resume; a real kill."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from results import ResultStore
+from runners.cells import Runner
+from runners.suite import load_suite
+
+TINY_SUITE = """
+name = "tiny"
+seeds = [0]
+methods = ["l1", "random"]
+targets = ["params:0.3"]
+input_size = 64
+
+[train]
+epochs = 1
+batch_size = 8
+warmup_iters = 2
+
+[finetune]
+epochs = 1
+batch_size = 8
+warmup_iters = 1
+
+[prune]
+round_to = 1
+calibration_images = 8
+
+[measure]
+warmup = 1
+rounds = 2
+
+[[experiments]]
+detector = "fcos"
+dataset = "synthetic-coco"
+data = { num_train = 16, num_val = 8, image_size = 64 }
+"""
+
+
+@pytest.fixture
+def tiny_suite(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_SUITE)
+    return path
+
+
+def test_grid_runs_and_resumes(tiny_suite: Path, tmp_path: Path, monkeypatch) -> None:
+    suite = load_suite(tiny_suite)
+    assert [c.method for c in suite.cells()] == ["base", "l1", "random"]
+    work, results = tmp_path / "work", tmp_path / "results"
+
+    # a crash in the second pruned cell keeps the finished cells and writes no partial row
+    calls = {"n": 0}
+    original = Runner.run_pruned
+
+    def flaky(self, cell):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return original(self, cell)
+
+    monkeypatch.setattr(Runner, "run_pruned", flaky)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        Runner(suite, results, work, progress=False).run()
+    store = ResultStore(results / "tiny" / "results.sqlite")
+    assert len(store.finished_ids()) == 2
+
+    counts = Runner(suite, results, work, progress=False).run()
+    assert counts == {"cells": 3, "ran": 1, "skipped": 2}
+    assert calls["n"] == 3  # only the unfinished cell ran again
+
+    frame = store.frame("tiny")
+    assert sorted(frame["method"]) == ["base", "l1", "random"]
+    pruned = frame[frame["method"] != "base"]
+    assert (abs(pruned["achieved_params_pr"] - 0.3) <= 0.005).all()
+    assert (pruned["params_m"] < frame[frame["method"] == "base"]["params_m"].iloc[0]).all()
+    for column in ("map", "ap50", "gmacs", "core_ms_median", "predict_ms_p90"):
+        assert frame[column].notna().all(), column
+    assert all((Path(p).is_file() or (Path.cwd() / p).is_file()) for p in frame["model_path"])
+    assert Runner(suite, results, work, progress=False).run()["ran"] == 0
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_killed_run_resumes_without_duplicates(tiny_suite: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "DETPRUNE_HOME": str(tmp_path / "work")}
+    cmd = [sys.executable, "-m", "runners.cli", "run", str(tiny_suite), "--results-dir", str(tmp_path / "r"),
+           "--no-progress"]  # fmt: skip
+    store_path = tmp_path / "r" / "tiny" / "results.sqlite"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    rows = 0
+    while time.time() < deadline and proc.poll() is None:
+        if store_path.is_file():
+            with sqlite3.connect(store_path) as conn:
+                rows = conn.execute("select count(*) from results").fetchone()[0]
+            if rows >= 1:
+                break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"run ended before it could be killed: {proc.stderr.read().decode()[-500:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1000:]
+    assert "already done" in done.stdout
+    with sqlite3.connect(store_path) as conn:
+        ids = [r[0] for r in conn.execute("select cell_id from results")]
+    assert len(ids) == len(set(ids)) == 3
