@@ -89,7 +89,11 @@ class FCOSDetector(Detector, FCOS):
 
 
 def atss_assign(
-    anchors: Tensor, num_anchors_per_level: list[int], gt_boxes: Tensor, topk: int = 9, anchor_scale: float = 8.0
+    anchors: Tensor,
+    num_anchors_per_level: list[int],
+    gt_boxes: Tensor,
+    topk: int = 9,
+    anchor_scale: float = 8.0,
 ) -> Tensor:
     """ATSS positives: ``matched[a]`` is the gt index of anchor ``a``, or -1 for background.
 

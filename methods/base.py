@@ -36,7 +36,9 @@ class Target:
     def parse(cls, text: str) -> Target:
         kind, sep, rate = str(text).partition(":")
         if not sep or kind not in TARGET_KINDS:
-            raise MethodError(f"bad target '{text}': expected KIND:RATE with KIND in {', '.join(TARGET_KINDS)}")
+            raise MethodError(
+                f"bad target '{text}': expected KIND:RATE with KIND in {', '.join(TARGET_KINDS)}"
+            )
         try:
             value = float(rate)
         except ValueError:
@@ -105,7 +107,9 @@ class Method:
     def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
         raise MethodError(f"method '{self.name}' defines no importance")
 
-    def train_loss(self, model: Detector, ctx: PruneContext, batch: Any, losses: dict[str, Tensor]) -> Tensor | None:
+    def train_loss(
+        self, model: Detector, ctx: PruneContext, batch: Any, losses: dict[str, Tensor]
+    ) -> Tensor | None:
         """An extra (re)training loss; LDT uses it, the others add nothing."""
         return None
 

@@ -52,8 +52,8 @@ def dependency_graph(model: Detector) -> tp.DependencyGraph:
     """torch-pruning traces with autograd, so grad mode is forced on here."""
     with torch.enable_grad():
         return tp.DependencyGraph().build_dependency(
-        model, example_inputs=model.example_input(), forward_fn=lambda m, x: m.core(x), verbose=False
-    )
+            model, example_inputs=model.example_input(), forward_fn=lambda m, x: m.core(x), verbose=False
+        )
 
 
 def prunable_groups(model: Detector, graph: tp.DependencyGraph):
@@ -196,7 +196,11 @@ def prune_to_budget(
         )
 
     widths_before = layer_widths(model)
-    params_before, gmacs_before, channels_before = count_params(model), count_gmacs(model), count_channels(model)
+    params_before, gmacs_before, channels_before = (
+        count_params(model),
+        count_gmacs(model),
+        count_channels(model),
+    )
     counts = _counts(steps, best)
     apply_removal(model, groups, counts)
     params_after, gmacs_after, channels_after = count_params(model), count_gmacs(model), count_channels(model)

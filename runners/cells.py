@@ -109,9 +109,14 @@ class Runner:
             ctx = PruneContext(seed=cell.seed, device=self.device, progress=self.progress)
             extra = lambda m, batch, losses: method.train_loss(m, ctx, batch, losses)  # noqa: E731
         stats = train(
-            model, train_set, cell.train, seed=cell.seed, extra_loss=extra,
-            desc=f"baseline {cell.experiment.detector}/{cell.experiment.dataset}", progress=self.progress,
-        )  # fmt: skip
+            model,
+            train_set,
+            cell.train,
+            seed=cell.seed,
+            extra_loss=extra,
+            desc=f"baseline {cell.experiment.detector}/{cell.experiment.dataset}",
+            progress=self.progress,
+        )
         save_checkpoint(model, path, {"train_seconds": stats["seconds"], "baseline_key": cell.baseline_key})
         return model, path, stats["seconds"]
 
@@ -180,11 +185,17 @@ class Runner:
         )
         report = method.prune(model, ctx, Target.parse(cell.target))
         stats = train(
-            model, train_set, cell.finetune, seed=cell.seed,
+            model,
+            train_set,
+            cell.finetune,
+            seed=cell.seed,
             extra_loss=lambda m, batch, losses: method.train_loss(m, ctx, batch, losses),
-            desc=f"fine-tune {cell.label}", progress=self.progress,
-        )  # fmt: skip
-        path = save_checkpoint(model, self.work_dir / "models" / cell.suite / f"{cell.cell_id}.pt", {"cell": cell.label})
+            desc=f"fine-tune {cell.label}",
+            progress=self.progress,
+        )
+        path = save_checkpoint(
+            model, self.work_dir / "models" / cell.suite / f"{cell.cell_id}.pt", {"cell": cell.label}
+        )
         reloaded, _ = load_checkpoint(path)  # a pruned checkpoint that cannot be reloaded is a failed cell
         reloaded.predict([val_set[0][0]])
         values = self._measure(model, cell, val_set)
@@ -207,8 +218,13 @@ class Runner:
         cells = self.suite.cells()
         done = self.store.finished_ids()
         todo = [c for c in cells if c.cell_id not in done]
-        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"suite {self.suite.name}",
-                   disable=not self.progress, dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=len(cells),
+            initial=len(cells) - len(todo),
+            desc=f"suite {self.suite.name}",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         for cell in todo:
             bar.set_postfix_str(cell.label)
             row = self.run_base(cell) if cell.method == "base" else self.run_pruned(cell)

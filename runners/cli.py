@@ -40,7 +40,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     runner = Runner(suite, args.results_dir, args.work_dir, args.device, progress=not args.no_progress)
     counts = runner.run()
-    print(f"suite {suite.name}: {counts['cells']} cells, {counts['ran']} run, {counts['skipped']} already done")
+    print(
+        f"suite {suite.name}: {counts['cells']} cells, {counts['ran']} run, {counts['skipped']} already done"
+    )
     _report(args.suite, args.results_dir)
     return 0
 
@@ -89,13 +91,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = method.prune(model, ctx, target)
     if args.finetune_epochs > 0:
         schedule = Schedule(epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr)
-        train(model, train_set, schedule, seed=args.seed,
-              extra_loss=lambda m, b, losses: method.train_loss(m, ctx, b, losses), desc="fine-tune")  # fmt: skip
+        train(
+            model,
+            train_set,
+            schedule,
+            seed=args.seed,
+            extra_loss=lambda m, b, losses: method.train_loss(m, ctx, b, losses),
+            desc="fine-tune",
+        )
     save_checkpoint(model, Path(args.out), {"prune_report": report.to_dict()})
     achieved = ", ".join(f"{k} -{v:.1%}" for k, v in report.achieved.items())
-    print(f"pruned with {method.name} to {target}: {achieved}; "
-          f"{report.params_before / 1e6:.3f}M -> {report.params_after / 1e6:.3f}M params, "
-          f"{report.gmacs_before:.3f} -> {report.gmacs_after:.3f} GMACs; wrote {args.out}")  # fmt: skip
+    print(
+        f"pruned with {method.name} to {target}: {achieved}; "
+        f"{report.params_before / 1e6:.3f}M -> {report.params_after / 1e6:.3f}M params, "
+        f"{report.gmacs_before:.3f} -> {report.gmacs_after:.3f} GMACs; wrote {args.out}"
+    )
     return 0
 
 
@@ -104,12 +114,16 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def dirs(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--results-dir", type=Path, default=Path("results"), help="where results/<suite>/ lives")
+        sp.add_argument(
+            "--results-dir", type=Path, default=Path("results"), help="where results/<suite>/ lives"
+        )
 
     run = sub.add_parser("run", help="run a suite (resumes where it stopped), then write its tables")
     run.add_argument("suite", help="a suite name (see `detprune list`) or a TOML file")
     dirs(run)
-    run.add_argument("--work-dir", type=Path, default=None, help="data, baselines, models (default .detprune)")
+    run.add_argument(
+        "--work-dir", type=Path, default=None, help="data, baselines, models (default .detprune)"
+    )
     run.add_argument("--device", default="cpu")
     run.add_argument("--no-progress", action="store_true")
     run.set_defaults(fn=cmd_run)

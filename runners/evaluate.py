@@ -30,7 +30,9 @@ def coco_metrics(coco_gt: COCO, detections: list[dict[str, Any]]) -> dict[str, f
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: (float(v) if v >= 0 else math.nan) for name, v in zip(METRICS, evaluator.stats[:6], strict=True)}
+    return {
+        name: (float(v) if v >= 0 else math.nan) for name, v in zip(METRICS, evaluator.stats[:6], strict=True)
+    }
 
 
 def to_coco_detections(

@@ -19,7 +19,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device: torch.device, warmup: int, rounds: int) -> tuple[float, float]:
+def time_call(
+    fn: Callable[[], object], device: torch.device, warmup: int, rounds: int
+) -> tuple[float, float]:
     """Median and p90 in milliseconds; on a GPU the timed region ends with a synchronize."""
     for _ in range(warmup):
         fn()

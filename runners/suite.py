@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from datasets import DATASETS
 from detectors import detector_names
@@ -22,9 +23,20 @@ from .train import Schedule
 
 SUITES_DIR = Path(__file__).parent / "suites"
 SUITE_KEYS = {
-    "name", "description", "seeds", "methods", "targets", "input_size", "train", "finetune",
-    "prune", "measure", "evaluate", "method_options", "experiments",
-}  # fmt: skip
+    "name",
+    "description",
+    "seeds",
+    "methods",
+    "targets",
+    "input_size",
+    "train",
+    "finetune",
+    "prune",
+    "measure",
+    "evaluate",
+    "method_options",
+    "experiments",
+}
 PRUNE_DEFAULTS = {"round_to": 8, "max_layer_ratio": 0.9, "tolerance": 0.005, "calibration_images": 256}
 MEASURE_DEFAULTS = {"warmup": 3, "rounds": 20}
 EVALUATE_DEFAULTS = {"batch_size": 16}
@@ -102,7 +114,9 @@ class Cell:
     @property
     def label(self) -> str:
         what = "base" if self.method == "base" else f"{self.method} {self.target}"
-        return f"{self.experiment.detector}-{self.experiment.size}/{self.experiment.dataset}/{what}/s{self.seed}"
+        return (
+            f"{self.experiment.detector}-{self.experiment.size}/{self.experiment.dataset}/{what}/s{self.seed}"
+        )
 
 
 @dataclass
@@ -136,7 +150,9 @@ class Suite:
                     measure=self.measure,
                     evaluate=self.evaluate,
                 )
-                regimes = {"plain"} | {build_method(m, **self.method_options.get(m, {})).regime for m in methods}
+                regimes = {"plain"} | {
+                    build_method(m, **self.method_options.get(m, {})).regime for m in methods
+                }
                 base += [
                     Cell(
                         method="base",

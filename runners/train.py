@@ -110,7 +110,9 @@ def train(
         running, steps = 0.0, 0
         for images, targets in loader:
             images = [im.to(device) for im in images]
-            targets = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
+            targets = [
+                {k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets
+            ]
             losses = model.loss(images, targets)
             loss = sum(losses.values())
             if extra_loss is not None:

@@ -83,7 +83,9 @@ def test_bisection_meets_every_target_within_half_a_point(target: str) -> None:
 
 def test_out_of_reach_target_is_one_clear_error(toy) -> None:
     with pytest.raises(MethodError, match="out of reach"):
-        build_method("l1").prune(toy, PruneContext(round_to=1, max_layer_ratio=0.2), Target.parse("params:0.9"))
+        build_method("l1").prune(
+            toy, PruneContext(round_to=1, max_layer_ratio=0.2), Target.parse("params:0.9")
+        )
 
 
 def test_random_is_seeded(toy) -> None:

@@ -27,11 +27,17 @@ def test_list(capsys) -> None:
 def test_run_errors(capsys, tmp_path: Path) -> None:
     assert "unknown suite 'nosuch'" in _error(capsys, ["run", "nosuch"])
     bad = tmp_path / "bad.toml"
-    bad.write_text('methods = ["l1", "magic"]\n[[experiments]]\ndetector = "fcos"\ndataset = "synthetic-coco"\n')
+    bad.write_text(
+        'methods = ["l1", "magic"]\n[[experiments]]\ndetector = "fcos"\ndataset = "synthetic-coco"\n'
+    )
     assert "unknown method 'magic'" in _error(capsys, ["run", str(bad)])
-    bad.write_text('targets = ["params:1.5"]\n[[experiments]]\ndetector = "fcos"\ndataset = "synthetic-coco"\n')
+    bad.write_text(
+        'targets = ["params:1.5"]\n[[experiments]]\ndetector = "fcos"\ndataset = "synthetic-coco"\n'
+    )
     assert "rate must lie in (0, 1)" in _error(capsys, ["run", str(bad)])
-    bad.write_text('[[experiments]]\ndetector = "fcos"\ndataset = "kitti"\ndata = { root = "/no/such/kitti" }\n')
+    bad.write_text(
+        '[[experiments]]\ndetector = "fcos"\ndataset = "kitti"\ndata = { root = "/no/such/kitti" }\n'
+    )
     assert "/no/such/kitti" in _error(capsys, ["run", str(bad), "--results-dir", str(tmp_path)])
     bad.write_text("this is = not toml ]")
     assert "not valid TOML" in _error(capsys, ["run", str(bad)])
@@ -46,13 +52,30 @@ def test_prune_errors_and_success(capsys, tmp_path: Path, monkeypatch) -> None:
     ckpt = tmp_path / "fcos.pt"
     torch.manual_seed(0)
     save_checkpoint(build_detector("fcos", 3, "tiny", 64), ckpt)
-    common = ["prune", "--checkpoint", str(ckpt), "--data", "synthetic-coco", "--out", str(tmp_path / "out.pt")]
+    common = [
+        "prune",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        "synthetic-coco",
+        "--out",
+        str(tmp_path / "out.pt"),
+    ]
     assert "unknown method" in _error(capsys, [*common, "--method", "hrank9", "--target", "params:0.3"])
     assert "bad target" in _error(capsys, [*common, "--method", "l1", "--target", "params:2"])
-    missing = ["prune", "--checkpoint", str(tmp_path / "none.pt"), "--data", "synthetic-coco", "--out", "x.pt"]
+    missing = [
+        "prune",
+        "--checkpoint",
+        str(tmp_path / "none.pt"),
+        "--data",
+        "synthetic-coco",
+        "--out",
+        "x.pt",
+    ]
     assert "checkpoint not found" in _error(capsys, [*missing, "--method", "l1", "--target", "params:0.3"])
-    assert "unknown dataset" in _error(capsys, [*common[:4], "nodata", *common[5:], "--method", "l1",
-                                                "--target", "params:0.3"])  # fmt: skip
+    assert "unknown dataset" in _error(
+        capsys, [*common[:4], "nodata", *common[5:], "--method", "l1", "--target", "params:0.3"]
+    )
     ok = [*common, "--method", "l1", "--target", "params:0.4", "--round-to", "1", "--calibration-images", "4"]
     assert main(ok) == 0
     assert "pruned with l1 to params:0.4" in capsys.readouterr().out

@@ -33,7 +33,11 @@ def _predictions(shift: float = 0.0) -> list[dict[str, torch.Tensor]]:
             "scores": torch.tensor([0.9, 0.8]),
             "labels": torch.tensor([0, 1]),
         },
-        {"boxes": torch.tensor([[5.0, 5.0, 65.0, 75.0]]), "scores": torch.tensor([0.7]), "labels": torch.tensor([1])},
+        {
+            "boxes": torch.tensor([[5.0, 5.0, 65.0, 75.0]]),
+            "scores": torch.tensor([0.7]),
+            "labels": torch.tensor([1]),
+        },
     ]
 
 

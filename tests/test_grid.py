@@ -94,8 +94,16 @@ def test_grid_runs_and_resumes(tiny_suite: Path, tmp_path: Path, monkeypatch) ->
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_killed_run_resumes_without_duplicates(tiny_suite: Path, tmp_path: Path) -> None:
     env = {**os.environ, "DETPRUNE_HOME": str(tmp_path / "work")}
-    cmd = [sys.executable, "-m", "runners.cli", "run", str(tiny_suite), "--results-dir", str(tmp_path / "r"),
-           "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "runners.cli",
+        "run",
+        str(tiny_suite),
+        "--results-dir",
+        str(tmp_path / "r"),
+        "--no-progress",
+    ]
     store_path = tmp_path / "r" / "tiny" / "results.sqlite"
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240

@@ -22,13 +22,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 def make_row(cell_id: str = "c1", **over: object) -> dict:
     row = {
-        "cell_id": cell_id, "suite": "smoke", "detector": "fcos", "dataset": "synthetic",
-        "method": "l1", "target": "params:0.3", "target_kind": "params", "target_rate": 0.3,
-        "seed": 0, "regime": "plain", "input_size": 128, "metric": "ap",
-        "achieved_params_pr": 0.301, "map": 0.25, "ap50": 0.5, "core_ms_median": 3.5,
-        "threads": 4, "cpu": "Test CPU", "device": "cpu", "config": {"b": 1, "a": [1, 2]},
+        "cell_id": cell_id,
+        "suite": "smoke",
+        "detector": "fcos",
+        "dataset": "synthetic",
+        "method": "l1",
+        "target": "params:0.3",
+        "target_kind": "params",
+        "target_rate": 0.3,
+        "seed": 0,
+        "regime": "plain",
+        "input_size": 128,
+        "metric": "ap",
+        "achieved_params_pr": 0.301,
+        "map": 0.25,
+        "ap50": 0.5,
+        "core_ms_median": 3.5,
+        "threads": 4,
+        "cpu": "Test CPU",
+        "device": "cpu",
+        "config": {"b": 1, "a": [1, 2]},
         "model_path": Path("/tmp/m.pt"),
-    }  # fmt: skip
+    }
     row.update(over)
     return row
 
@@ -176,19 +191,47 @@ def grid_frame() -> pd.DataFrame:
     """2 datasets x (base + 2 methods x 2 targets), inserted in a scrambled order."""
     rows = []
     for dataset, metric in (("coco", "ap"), ("kitti", "ap50")):
-        rows.append(make_row(f"{dataset}-base", dataset=dataset, metric=metric, method="base",
-                             target="", target_kind="", target_rate=None, achieved_params_pr=0.0,
-                             achieved_flops_pr=0.0, gmacs=2.0, params_m=5.0, map=0.40, ap50=0.60,
-                             core_ms_median=10.0))  # fmt: skip
+        rows.append(
+            make_row(
+                f"{dataset}-base",
+                dataset=dataset,
+                metric=metric,
+                method="base",
+                target="",
+                target_kind="",
+                target_rate=None,
+                achieved_params_pr=0.0,
+                achieved_flops_pr=0.0,
+                gmacs=2.0,
+                params_m=5.0,
+                map=0.40,
+                ap50=0.60,
+                core_ms_median=10.0,
+            )
+        )
         for i, method in enumerate(("hrank", "chip")):
             for rate in (0.5, 0.3):
-                rows.append(make_row(
-                    f"{dataset}-{method}-{rate}", dataset=dataset, metric=metric, method=method,
-                    target=f"params:{rate}", target_rate=rate, achieved_params_pr=rate + 0.0012 * (i + 1),
-                    achieved_flops_pr=rate * 0.9, gmacs=2.0 * (1 - rate), params_m=5.0 * (1 - rate),
-                    map=0.40 - rate / 10 - i / 100, ap50=0.60 - rate / 10 - i / 100, ap75=0.3, aps=0.1,
-                    core_ms_median=10.0 * (1 - rate), core_ms_p90=11.0, predict_ms_median=12.0,
-                ))  # fmt: skip
+                rows.append(
+                    make_row(
+                        f"{dataset}-{method}-{rate}",
+                        dataset=dataset,
+                        metric=metric,
+                        method=method,
+                        target=f"params:{rate}",
+                        target_rate=rate,
+                        achieved_params_pr=rate + 0.0012 * (i + 1),
+                        achieved_flops_pr=rate * 0.9,
+                        gmacs=2.0 * (1 - rate),
+                        params_m=5.0 * (1 - rate),
+                        map=0.40 - rate / 10 - i / 100,
+                        ap50=0.60 - rate / 10 - i / 100,
+                        ap75=0.3,
+                        aps=0.1,
+                        core_ms_median=10.0 * (1 - rate),
+                        core_ms_p90=11.0,
+                        predict_ms_median=12.0,
+                    )
+                )
     return pd.DataFrame(rows[::-1])
 
 
@@ -200,8 +243,11 @@ def table_lines(md: str) -> list[list[str]]:
 def test_write_reports_files_and_order(tmp_path: Path) -> None:
     paths = write_reports(grid_frame(), tmp_path / "smoke", "smoke")
     names = sorted(p.name for p in paths)
-    expected = [f"{d}{s}" for d in ("coco", "kitti")
-                for s in (".csv", ".md", ".tex", "_map_vs_latency.png", "_map_vs_pr.png")]  # fmt: skip
+    expected = [
+        f"{d}{s}"
+        for d in ("coco", "kitti")
+        for s in (".csv", ".md", ".tex", "_map_vs_latency.png", "_map_vs_pr.png")
+    ]
     assert names == expected
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths if p.suffix == ".png")
@@ -225,8 +271,18 @@ def test_write_reports_files_and_order(tmp_path: Path) -> None:
 
     csv = pd.read_csv(tmp_path / "smoke" / "coco.csv")
     assert list(csv["method"]) == ["base", "chip", "chip", "hrank", "hrank"]
-    assert {"map", "ap50", "ap75", "aps", "apm", "apl", "core_ms_p90", "predict_ms_p90",
-            "gflops", "achieved_flops_pr"} <= set(csv.columns)  # fmt: skip
+    assert {
+        "map",
+        "ap50",
+        "ap75",
+        "aps",
+        "apm",
+        "apl",
+        "core_ms_p90",
+        "predict_ms_p90",
+        "gflops",
+        "achieved_flops_pr",
+    } <= set(csv.columns)
     assert csv.loc[1, "ap75"] == 0.3 and csv.loc[0, "threads"] == 4
 
     tex = (tmp_path / "smoke" / "coco.tex").read_text()
@@ -236,8 +292,10 @@ def test_write_reports_files_and_order(tmp_path: Path) -> None:
 def test_regenerating_is_byte_identical(tmp_path: Path) -> None:
     frame = grid_frame()
     first = {p.name: p.read_bytes() for p in write_reports(frame, tmp_path / "a", "smoke")}
-    second = {p.name: p.read_bytes() for p in write_reports(frame.sample(frac=1, random_state=3),
-                                                            tmp_path / "b", "smoke")}  # fmt: skip
+    second = {
+        p.name: p.read_bytes()
+        for p in write_reports(frame.sample(frac=1, random_state=3), tmp_path / "b", "smoke")
+    }
     for name in first:
         if name.endswith((".md", ".csv", ".tex")):
             assert first[name] == second[name], name
@@ -257,9 +315,19 @@ def test_reports_from_store_round_trip(tmp_path: Path) -> None:
 def test_non_plain_regime_base_row_and_render_table() -> None:
     frame = grid_frame()
     frame = frame[frame["dataset"] == "coco"]
-    ldt = [make_row("ldt-base", dataset="coco", method="base", target="", target_kind="",
-                    target_rate=None, regime="ldt", achieved_params_pr=0.0),
-           make_row("ldt-0.3", dataset="coco", method="ldt", regime="ldt")]  # fmt: skip
+    ldt = [
+        make_row(
+            "ldt-base",
+            dataset="coco",
+            method="base",
+            target="",
+            target_kind="",
+            target_rate=None,
+            regime="ldt",
+            achieved_params_pr=0.0,
+        ),
+        make_row("ldt-0.3", dataset="coco", method="ldt", regime="ldt"),
+    ]
     frame = pd.concat([pd.DataFrame(ldt), frame])
     md = render_table(frame)
     methods = [r[1] for r in table_lines(md)]
@@ -288,8 +356,12 @@ def test_two_processes_write_concurrently(tmp_path: Path) -> None:
                        "method": "m"})
         """
     )
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(path), tag], cwd=REPO,
-                              stderr=subprocess.PIPE, text=True) for tag in ("a", "b")]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(path), tag], cwd=REPO, stderr=subprocess.PIPE, text=True
+        )
+        for tag in ("a", "b")
+    ]
     for proc in procs:
         assert proc.wait(timeout=120) == 0, proc.stderr.read()
     assert len(ResultStore(path).finished_ids("x")) == 60
@@ -298,10 +370,12 @@ def test_two_processes_write_concurrently(tmp_path: Path) -> None:
 def test_sparse_and_empty_frames(tmp_path: Path) -> None:
     assert write_reports(ResultStore(tmp_path / "empty").frame(), tmp_path / "out", "smoke") == []
     # a detector with only a base row and no latency, another with no mAP at all
-    frame = pd.DataFrame([
-        make_row("a", method="base", target="", target_kind="", target_rate=None, core_ms_median=None),
-        make_row("b", detector="yolox", map=None, ap50=None, core_ms_median=None),
-    ])  # fmt: skip
+    frame = pd.DataFrame(
+        [
+            make_row("a", method="base", target="", target_kind="", target_rate=None, core_ms_median=None),
+            make_row("b", detector="yolox", map=None, ap50=None, core_ms_median=None),
+        ]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         paths = write_reports(frame, tmp_path / "out", "smoke")
