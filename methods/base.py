@@ -62,8 +62,9 @@ class PruneContext:
     tolerance: float = 0.005
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = True
-    # a training step on a batch, for methods that prune during training (GroupFisher)
-    train_step: Callable[..., Any] | None = None
+    # the training split and batch size, for methods that train while they prune (GroupFisher)
+    train_set: Any = None
+    batch_size: int = 8
 
 
 @dataclass
@@ -78,7 +79,7 @@ class PruneReport:
     gmacs_before: float
     gmacs_after: float
     layers: dict[str, list[int]]
-    groups: dict[str, list[str]] = field(default_factory=dict)
+    groups: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     probes: int = 0
     seconds: float = 0.0
     notes: dict[str, Any] = field(default_factory=dict)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch_pruning as tp
@@ -29,12 +29,17 @@ ROOT_TYPES = (nn.Conv2d, nn.Linear)
 
 @dataclass
 class GroupScores:
-    """One dependency group: the root layer, its coupled layers, channels by ascending score."""
+    """One dependency group: the root layer, the layers coupled to it, channels by ascending score.
+
+    ``members`` lose output channels at the same indices as the root (the root included);
+    ``consumers`` lose the matching input channels.
+    """
 
     root: str
     members: list[str]
     order: Tensor
     sorted_scores: Tensor
+    consumers: list[str] = field(default_factory=list)
 
 
 class _Core(nn.Module):
@@ -102,12 +107,12 @@ def score_groups(model: Detector, importance: tp.importance.Importance) -> list[
         if not torch.isfinite(scores).all():
             raise MethodError(f"importance of group '{root}' is not finite")
         sorted_scores, order = torch.sort(scores, stable=True)
-        members = [
-            names[dep.target.module]
-            for dep, _ in group
-            if graph.is_out_channel_pruning_fn(dep.handler) and isinstance(dep.target.module, ROOT_TYPES)
+        layers = [
+            (dep, names[dep.target.module]) for dep, _ in group if isinstance(dep.target.module, ROOT_TYPES)
         ]
-        groups.append(GroupScores(root, members, order, sorted_scores))
+        members = [n for dep, n in layers if graph.is_out_channel_pruning_fn(dep.handler)]
+        consumers = [n for dep, n in layers if graph.is_in_channel_pruning_fn(dep.handler)]
+        groups.append(GroupScores(root, members, order, sorted_scores, consumers))
     model.train(was_training)
     return groups
 
@@ -223,6 +228,6 @@ def prune_to_budget(
         gmacs_before=gmacs_before,
         gmacs_after=gmacs_after,
         layers=layers,
-        groups={g.root: g.members for g in groups if len(g.members) > 1},
+        groups={g.root: {"members": g.members, "consumers": g.consumers} for g in groups},
         probes=len(cache),
     )

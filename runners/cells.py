@@ -182,6 +182,8 @@ class Runner:
             tolerance=cell.prune["tolerance"],
             device=self.device,
             progress=self.progress,
+            train_set=train_set,
+            batch_size=cell.finetune.batch_size,
         )
         report = method.prune(model, ctx, Target.parse(cell.target))
         stats = train(

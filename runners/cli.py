@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from results import ResultStore, render_table, write_reports
 from .cells import Runner, calibration_batches
 from .suite import SuiteError, load_suite, suite_names
 from .train import Schedule, train
+
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 
 USER_ERRORS = (DatasetError, DetectorError, MethodError, SuiteError, FileNotFoundError)
 
@@ -87,6 +90,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         round_to=args.round_to,
         max_layer_ratio=args.max_layer_ratio,
         device=device,
+        train_set=train_set,
+        batch_size=args.batch_size,
     )
     report = method.prune(model, ctx, target)
     if args.finetune_epochs > 0:
