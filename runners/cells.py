@@ -68,6 +68,7 @@ class Runner:
         self.progress = progress
         self.store = ResultStore(self.out_dir / "results.sqlite")
         self._datasets: dict[str, tuple[DetectionDataset, DetectionDataset]] = {}
+        self._score_caches: dict[str, dict] = {}  # per baseline: each method scores it once
 
     # -- inputs ---------------------------------------------------------------------------------
     def datasets(self, experiment: Experiment) -> tuple[DetectionDataset, DetectionDataset]:
@@ -184,6 +185,7 @@ class Runner:
             progress=self.progress,
             train_set=train_set,
             batch_size=cell.finetune.batch_size,
+            score_cache=self._score_caches.setdefault(f"{cell.baseline_key}:{cell.prune}", {}),
         )
         report = method.prune(model, ctx, Target.parse(cell.target))
         stats = train(

@@ -1,0 +1,38 @@
+"""HRank (Lin et al., CVPR 2020): a filter whose feature maps have low rank carries little.
+
+``score_c = mean_n rank(F_n[c])`` over post-activation maps of calibration images in eval mode;
+local scope (the same share removed from every layer). Known weakness, shown not hidden: after
+SiLU or LeakyReLU almost every map is full rank, so scores tie.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from torch import Tensor
+
+from detectors.base import Detector
+
+from .activations import LayerScoreImportance, capture
+from .base import Method, PruneContext, register
+
+
+def hrank_ranks(feats: Tensor) -> Tensor:
+    """Per-image, per-channel matrix rank ``[N, C]`` of maps ``[N, C, H, W]``: one batched call."""
+    return torch.linalg.matrix_rank(feats.float()).float()
+
+
+def hrank_scores(feats: Tensor) -> Tensor:
+    """``score_c = mean_n rank(F_n[c])``."""
+    return hrank_ranks(feats).mean(dim=0)
+
+
+@register("hrank")
+class HRank(Method):
+    scope = "local"
+
+    def prepare(self, model: Detector, ctx: PruneContext) -> None:
+        self.layer_scores = capture(model, ctx.calibration, hrank_ranks, progress=ctx.progress)
+
+    def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
+        return LayerScoreImportance(model, self.layer_scores)

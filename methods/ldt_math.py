@@ -1,0 +1,221 @@
+"""The math of LDT (DESIGN.md §4 "LDT"), as pure functions on tensors.
+
+Location-aware instance features, Deep LDA's scatter matrices and generalised eigenproblem, the
+LD loss and the covariance penalty, the neck channels' discriminating power and the location
+attention. ``methods.ldt`` only wires hooks and data to these.
+
+Conventions: boxes are xyxy in the pixels of the tensor the network sees; a feature map of
+stride ``t`` has cell ``(i, j)`` covering pixels ``[j t, (j+1) t) x [i t, (i+1) t)`` with its
+centre at ``((j + 1/2) t, (i + 1/2) t)``. Everything that involves an inverse or an eigenvalue
+runs in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# why a scale is skipped for a batch; the keys of the counters LDT reports
+FEW_CLASSES = "few_classes"  # fewer than 2 classes present
+SINGLETON_CLASS = "singleton_class"  # a class with fewer than 2 instances
+SINGULAR = "singular"  # S_w not positive definite (or too ill-conditioned) in float64
+NONFINITE = "nonfinite"  # a feature, a scatter or an eigenvalue is not finite
+SKIP_REASONS = (FEW_CLASSES, SINGLETON_CLASS, SINGULAR, NONFINITE)
+
+_PIVOT_FLOOR = 1e-12  # smallest Cholesky pivot^2, relative to the largest diagonal of S_w
+
+
+class DegenerateScatter(ValueError):
+    """The discriminant analysis is undefined for this batch; ``reason`` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# -- location-aware instance features ---------------------------------------------------------
+
+
+def box_cells(boxes: Tensor, stride: float, limit: Sequence[int] | Tensor) -> Tensor:
+    """The feature cells ``[x0, x1) x [y0, y1)`` (long ``[K, 4]``, on the CPU) each box covers.
+
+    Cells ``floor(x1 / t) .. ceil(x2 / t)`` (end exclusive), clipped to ``limit = (rows, cols)``
+    (the map, or the part of it the image covers; one pair, or a ``[K, 2]`` tensor of pairs);
+    a box smaller than a cell still covers the cell it starts in. Boxes must lie (at least
+    partly) inside the image.
+    """
+    b = boxes.detach().to("cpu", torch.float64).reshape(-1, 4) / float(stride)
+    lim = torch.as_tensor(limit, dtype=torch.float64).reshape(-1, 2)
+    if (lim < 1).any():
+        raise ValueError(f"empty feature map limit {limit}")
+    rows, cols = lim[:, 0], lim[:, 1]
+    x0 = torch.minimum(b[:, 0].floor().clamp(min=0), cols - 1)
+    y0 = torch.minimum(b[:, 1].floor().clamp(min=0), rows - 1)
+    x1 = torch.minimum(torch.maximum(b[:, 2].ceil(), x0 + 1), cols)
+    y1 = torch.minimum(torch.maximum(b[:, 3].ceil(), y0 + 1), rows)
+    return torch.stack([x0, y0, x1, y1], dim=1).long()
+
+
+def instance_features(feat: Tensor, cells: Tensor, image: Tensor | Sequence[int]) -> Tensor:
+    """``f_k[c]`` = max of channel ``c`` over box ``k``'s cells: ``[K, C]``, differentiable.
+
+    ``feat``: ``[B, C, H, W]``; ``cells``: ``[K, 4]`` from ``box_cells``; ``image[k]``: the
+    batch index of box ``k``.
+    """
+    index = image.tolist() if isinstance(image, Tensor) else list(image)
+    rows = [
+        feat[b, :, y0:y1, x0:x1].amax(dim=(1, 2))
+        for b, (x0, y0, x1, y1) in zip(index, cells.tolist(), strict=True)
+    ]
+    if not rows:
+        return feat.new_zeros((0, feat.shape[1]))
+    return torch.stack(rows)
+
+
+# -- Deep LDA ---------------------------------------------------------------------------------
+
+
+def check_classes(y: Tensor) -> str | None:
+    """The skip reason for labels ``y``, or None when every class has >= 2 instances of >= 2."""
+    _, counts = torch.unique(y, return_counts=True)
+    if counts.numel() < 2:
+        return FEW_CLASSES
+    if int(counts.min()) < 2:
+        return SINGLETON_CLASS
+    return None
+
+
+def _centred_scatter(X: Tensor) -> Tensor:
+    Xc = X - X.mean(dim=0, keepdim=True)
+    return Xc.T @ Xc / (X.shape[0] - 1)
+
+
+def scatter_matrices(X: Tensor, y: Tensor, lam: float = 1e-3) -> tuple[Tensor, Tensor, Tensor]:
+    """Deep LDA's equal-class scatters in float64: ``(S_b, S_w + lam I, S_t)``.
+
+    ``S_t = X̄ᵀX̄ / (K-1)``; ``S_w`` = the mean over classes of ``X̄_cᵀX̄_c / (K_c-1)``;
+    ``S_b = S_t - S_w`` (before the ridge is added to ``S_w``).
+    """
+    reason = check_classes(y)
+    if reason is not None:
+        raise DegenerateScatter(reason)
+    X = X.to(torch.float64)
+    if not torch.isfinite(X).all():
+        raise DegenerateScatter(NONFINITE, "instance features")
+    S_t = _centred_scatter(X)
+    classes = torch.unique(y)
+    S_w = torch.stack([_centred_scatter(X[y == c]) for c in classes]).mean(dim=0)
+    S_b = S_t - S_w
+    eye = torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
+    return S_b, S_w + lam * eye, S_t
+
+
+def _whitened(X: Tensor, y: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+    """``(L^-1 S_b L^-T, L)`` with ``L Lᵀ = S_w``: the generalised problem made symmetric."""
+    S_b, S_w, _ = scatter_matrices(X, y, lam)
+    L, info = torch.linalg.cholesky_ex(S_w)
+    if int(info) != 0 or not torch.isfinite(L).all():
+        raise DegenerateScatter(SINGULAR, "S_w is not positive definite")
+    pivots = L.detach().diagonal()
+    if float(pivots.min()) ** 2 <= _PIVOT_FLOOR * float(S_w.detach().diagonal().max()):
+        raise DegenerateScatter(SINGULAR, "S_w is numerically singular")
+    A = torch.linalg.solve_triangular(L, S_b, upper=False)  # L^-1 S_b
+    M = torch.linalg.solve_triangular(L, A.T, upper=False)  # L^-1 S_b L^-T
+    return (M + M.T) / 2, L
+
+
+def generalized_eigvals(X: Tensor, y: Tensor, lam: float = 1e-3) -> Tensor:
+    """All ``ν`` of ``S_b v = ν S_w v``, ascending, float64, differentiable (``eigvalsh``)."""
+    M, _ = _whitened(X, y, lam)
+    nu = torch.linalg.eigvalsh(M)
+    if not torch.isfinite(nu).all():
+        raise DegenerateScatter(NONFINITE, "eigenvalues")
+    return nu
+
+
+def _top_count(y: Tensor, channels: int) -> int:
+    """At most ``n - 1`` discriminants for ``n`` classes (and never more than the channels)."""
+    return max(1, min(int(torch.unique(y).numel()) - 1, channels))
+
+
+def ld_loss(X: Tensor, y: Tensor, epsilon: float = 1.2, lam: float = 1e-3) -> Tensor:
+    """``-mean`` of the top ``n-1`` eigenvalues that lie within ``epsilon`` of their minimum.
+
+    ``X``: ``[K, C]`` instance features, ``y``: ``[K]`` labels. Returns a float64 scalar.
+    Raises ``DegenerateScatter`` where the analysis is undefined (the caller skips the scale).
+    """
+    nu = generalized_eigvals(X, y, lam)
+    top = nu[-_top_count(y, X.shape[1]) :]
+    window = top.detach() <= top.detach().min() + epsilon
+    return -top[window].mean()
+
+
+def covariance_penalty(X: Tensor) -> Tensor:
+    """``|| S_t - diag(S_t) ||_F^2``: the squared off-diagonal total scatter, float64."""
+    if X.shape[0] < 2:
+        raise DegenerateScatter(FEW_CLASSES, "fewer than 2 instances")
+    X = X.to(torch.float64)
+    if not torch.isfinite(X).all():
+        raise DegenerateScatter(NONFINITE, "instance features")
+    S_t = _centred_scatter(X)
+    off = S_t - torch.diag_embed(S_t.diagonal())
+    return (off**2).sum()
+
+
+def discriminants(X: Tensor, y: Tensor, lam: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """The top ``n-1`` discriminants ``(ν [m], V [C, m])``, largest first, float64, no gradient.
+
+    ``V``'s columns solve ``S_b v = ν S_w v`` with ``vᵀ S_w v = 1``. An eigenvector's sign is
+    arbitrary, so each is flipped to make the mean instance project non-negatively
+    (``v_jᵀ mean(X) >= 0``): the tracing objective ``D`` is then the same on every platform.
+    """
+    with torch.no_grad():
+        X = X.detach().to(torch.float64)
+        M, L = _whitened(X, y, lam)
+        nu, U = torch.linalg.eigh(M)
+        if not (torch.isfinite(nu).all() and torch.isfinite(U).all()):
+            raise DegenerateScatter(NONFINITE, "eigenvectors")
+        m = _top_count(y, X.shape[1])
+        nu, U = nu[-m:].flip(0), U[:, -m:].flip(1)
+        V = torch.linalg.solve_triangular(L.T, U, upper=True)  # v = L^-T u
+        sign = torch.where(X.mean(dim=0) @ V < 0, -1.0, 1.0).to(V.dtype)
+        return nu, V * sign
+
+
+def discriminating_power(nu: Tensor, V: Tensor) -> Tensor:
+    """Neck channel ``c``'s discriminating power ``Σ_j ν_j V[c, j]^2`` (``[C]``)."""
+    return (V**2 * nu).sum(dim=1)
+
+
+# -- location attention -----------------------------------------------------------------------
+
+
+def location_attention(
+    boxes: Tensor,
+    shape: tuple[int, int],
+    stride: float | tuple[float, float],
+    a: float = 0.062,
+    b: float = 7.5,
+) -> Tensor:
+    """``A(p) = max_k exp(-a ρ_k(p)^b)`` on an ``[H, W]`` map whose cells are ``stride`` pixels.
+
+    ``ρ_k(p) = max(|x - cx| / (w/2), |y - cy| / (h/2))`` at cell centres, boxes in pixels
+    (``stride`` may be ``(sy, sx)``). A half-side is never taken below half a cell, so a box
+    thinner than a cell still attends to the cell holding its centre. No box: all zeros.
+    """
+    H, W = int(shape[0]), int(shape[1])
+    sy, sx = (float(stride), float(stride)) if isinstance(stride, (int, float)) else map(float, stride)
+    boxes = boxes.detach().to(torch.float32).reshape(-1, 4)
+    if boxes.shape[0] == 0:
+        return torch.zeros(H, W, device=boxes.device)
+    ys = (torch.arange(H, device=boxes.device, dtype=torch.float32) + 0.5) * sy
+    xs = (torch.arange(W, device=boxes.device, dtype=torch.float32) + 0.5) * sx
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    hw = ((boxes[:, 2] - boxes[:, 0]) / 2).clamp(min=sx / 2)
+    hh = ((boxes[:, 3] - boxes[:, 1]) / 2).clamp(min=sy / 2)
+    rx = (xs[None, :] - cx[:, None]).abs() / hw[:, None]  # [K, W]
+    ry = (ys[None, :] - cy[:, None]).abs() / hh[:, None]  # [K, H]
+    rho = torch.maximum(ry[:, :, None], rx[:, None, :])  # [K, H, W]
+    return torch.exp(-a * rho.pow(b)).amax(dim=0)

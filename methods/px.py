@@ -1,0 +1,403 @@
+"""PX, Path eXclusion (Iurada et al., CVPR 2024), at the filter level; DESIGN.md §4 "PX".
+
+A ReLU network is a sum over paths: input -> one weight per layer -> output, each path switched
+on or off by the activation pattern of the input. PX keeps the weights that carry most of the
+network's path kernel. For every calibration image x, three passes of ``core``:
+
+(a) the real network (eval mode) records the activation pattern ``a(x) = 1[pre-activation > 0]``
+    of every call of every activation module (the same gate for ReLU, SiLU, LeakyReLU, GELU...),
+    and the positions each max-pool picks;
+(b) a copy with every weight 1 replays that pattern (activations multiply their input by the
+    recorded gate, max-pools route through the recorded positions) on the input ``x ⊙ x``:
+    ``z1(x)``, the data-dependent path activations;
+(c) a copy with squared weights ``θ²``, identity activations and an all-ones input: ``z2``, the
+    data-independent path values (the copy's parameters are ``θ²``, so autograd gives dR/d(θ²)).
+
+``R = Σ_x Σ_k z1_k(x) z2_k`` over *every* tensor ``core`` returns, and a weight's saliency is
+``S(θ) = θ² |∂R/∂(θ²)|``: since ``z2`` is multilinear in the squared weights, S(θ) is exactly the
+part of R carried by the paths through θ. As z1 is summed over the images and z2 does not depend
+on them, pass (c) runs once per input shape, with one backward.
+
+What the copies do with the other layers, so that both stay sums over input-to-output paths:
+
+* Biases (conv/linear biases, batch-norm shifts β and the running-mean shift) start no path
+  from the input: they are zero in both copies. A path's value is the product of its weights only.
+* Batch norm in eval mode is a per-channel affine map ``y = a x + b``, ``a = γ / sqrt(var + eps)``;
+  ``a`` is a diagonal weight on every path through the channel. The unit copy uses ``a = 1``
+  (every weight 1); the squared copy uses ``a² = γ² / (var + eps)`` with ``γ²`` the parameter, so
+  ``S(γ) = γ² |∂R/∂(γ²)|`` is the flow through the channel, on the same footing as a conv
+  weight's. (Without affine parameters the squared copy scales by ``1 / (var + eps)``; a batch norm
+  without running statistics, and a GroupNorm, have no fixed ``a``: their normalisation is dropped
+  and only ``γ`` (resp. ``γ²``) remains.)
+* Residual additions, concatenations, nearest upsampling and average pooling are linear: they add
+  paths, nothing to change. Max-pooling is a data-dependent selection like a gate: in (b) it routes
+  through the positions the real network picked; in (c) (identity activations, all-ones input,
+  non-negative values) it stays a max-pool, as in the official code.
+* Activation modules are found generically (``ACTIVATIONS``) and hooked per call, so a module used
+  twice per block (torchvision's BasicBlock ReLU) replays its two gates in order; the copies are
+  made non-inplace so a hook sees the pre-activation. Activations written as functions
+  (``F.relu`` in torchvision's ``LastLevelP6P7``) are not modules and are not gated: in both copies
+  every value is non-negative, so they act as the identity there (an always-open gate in (b)).
+* Everything runs in float64: with unit weights, z1 grows like (fan-in)^depth.
+
+Structured adaptation (ours, per the LDT paper's comparison): a filter's score is the sum of S
+over its weights plus its batch-norm γ, summed over the dependency group's output-pruned layers
+(the filters removed together); global ranking; ``rounds`` rounds, each rescoring the pruned
+network and removing an equal share of the remaining budget, the last one landing within
+``ctx.tolerance``. ``round_to`` and ``max_layer_ratio`` (against the *original* widths) as for
+every method.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from detectors.base import Detector
+
+from .base import Method, MethodError, PruneContext, PruneReport, Target, register
+from .budget import GroupScores, apply_removal, dependency_graph, removal_steps, score_groups
+from .groupfisher import Snapshot, build_report, describe_groups, first_reaching, measure
+
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.SiLU,
+    nn.GELU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Mish,
+    nn.Hardswish,
+)
+LINEAR_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+
+
+# -- the math, on tensors ------------------------------------------------------------------------
+
+
+def px_saliency(weight: Tensor, grad_wrt_squared: Tensor) -> Tensor:
+    """``S(θ) = θ² · |∂R/∂(θ²)|``."""
+    return weight.detach().double().pow(2) * grad_wrt_squared.detach().double().abs()
+
+
+def activation_gate(pre_activation: Tensor) -> Tensor:
+    """The activation pattern ``1[pre-activation > 0]`` (bool), whatever the activation."""
+    return pre_activation > 0
+
+
+def path_objective(z1: Iterable[Tensor], z2: Iterable[Tensor]) -> Tensor:
+    """``R = Σ_k z1_k z2_k`` over every output tensor (z1 already summed over the images)."""
+    return sum((a * b).sum() for a, b in zip(z1, z2, strict=True))
+
+
+def filter_saliency(saliency: Tensor) -> Tensor:
+    """Per output channel: the sum of S over the filter (dim 0), or S itself for a norm's γ."""
+    return saliency.reshape(saliency.shape[0], -1).sum(1) if saliency.dim() > 1 else saliency
+
+
+# -- the three passes ----------------------------------------------------------------------------
+
+
+def _channel_view(t: Tensor, dim_size: int) -> list[int]:
+    return [1, dim_size] + [1] * (t.dim() - 2)
+
+
+class _Patterns:
+    """Pass (a) records, pass (b) replays: per module name, one entry per call, in call order."""
+
+    def __init__(self) -> None:
+        self.recorded: dict[str, list[Tensor]] = {}
+        self.cursor: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.recorded.clear()
+        self.cursor.clear()
+
+    def push(self, name: str, value: Tensor) -> None:
+        self.recorded.setdefault(name, []).append(value)
+
+    def pop(self, name: str) -> Tensor:
+        i = self.cursor.get(name, 0)
+        calls = self.recorded.get(name, [])
+        if i >= len(calls):
+            raise MethodError(f"px: '{name}' ran more often with unit weights than on the data")
+        self.cursor[name] = i + 1
+        return calls[i]
+
+    def check_replayed(self) -> None:
+        for name, calls in self.recorded.items():
+            if self.cursor.get(name, 0) != len(calls):
+                raise MethodError(f"px: '{name}' ran fewer times with unit weights than on the data")
+
+
+def _record_hooks(model: nn.Module, patterns: _Patterns) -> list[Any]:
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, ACTIVATIONS):
+
+            def gate(mod: nn.Module, inputs: tuple[Any, ...], name: str = name) -> None:
+                patterns.push(name, activation_gate(inputs[0]))  # before an inplace op runs
+
+            handles.append(module.register_forward_pre_hook(gate))
+        elif isinstance(module, nn.MaxPool2d):
+
+            def picks(mod: nn.MaxPool2d, inputs: tuple[Any, ...], name: str = name) -> None:
+                _, idx = F.max_pool2d(
+                    inputs[0], mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode, True
+                )
+                patterns.push(name, idx)
+
+            handles.append(module.register_forward_pre_hook(picks))
+    return handles
+
+
+def _norm_scale(module: nn.Module, squared: bool) -> Tensor | None:
+    """The per-channel factor a norm layer applies in a copy (None: the identity)."""
+    if not squared:
+        return None
+    scale = module.weight if getattr(module, "weight", None) is not None else None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
+        inv = 1.0 / (module.running_var.detach() + module.eps)
+        return inv if scale is None else scale * inv
+    return scale
+
+
+def _make_copy(model: Detector, squared: bool, patterns: _Patterns | None) -> tuple[Detector, list[Any]]:
+    """The unit-weight copy (b) or the squared-weight copy (c), in float64 and eval mode."""
+    twin = copy.deepcopy(model).double().eval()
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    handles = []
+    with torch.no_grad():
+        for name, module in twin.named_modules():
+            if isinstance(module, LINEAR_LAYERS):
+                if squared:
+                    module.weight.pow_(2)
+                    module.weight.requires_grad_(True)
+                else:
+                    module.weight.fill_(1.0)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, NORMS):
+                if squared and getattr(module, "weight", None) is not None:
+                    module.weight.pow_(2)
+                    module.weight.requires_grad_(True)
+
+                def norm(mod: nn.Module, inputs: tuple[Any, ...], output: Tensor) -> Tensor:
+                    x = inputs[0]
+                    scale = _norm_scale(mod, squared)
+                    return x if scale is None else x * scale.view(_channel_view(x, scale.numel()))
+
+                handles.append(module.register_forward_hook(norm))
+            elif isinstance(module, ACTIVATIONS):
+                if hasattr(module, "inplace"):
+                    module.inplace = False
+
+                def act(mod: nn.Module, inputs: tuple[Any, ...], output: Tensor, name: str = name) -> Tensor:
+                    x = inputs[0]
+                    return x if patterns is None else x * patterns.pop(name).to(x.dtype)
+
+                handles.append(module.register_forward_hook(act))
+            elif isinstance(module, nn.MaxPool2d) and patterns is not None:
+
+                def route(
+                    mod: nn.Module, inputs: tuple[Any, ...], output: Tensor, name: str = name
+                ) -> Tensor:
+                    x, idx = inputs[0], patterns.pop(name)
+                    return x.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+
+                handles.append(module.register_forward_hook(route))
+    return twin, handles
+
+
+def px_saliencies(model: Detector, inputs: Iterable[Tensor]) -> dict[str, Tensor]:
+    """``S`` for every conv/linear weight and norm γ of ``model``, by parameter name.
+
+    ``inputs``: preprocessed batches (what ``core`` takes). The model is left as it was.
+    """
+    patterns = _Patterns()
+    was_training = model.training
+    model.eval()
+    unit, unit_handles = _make_copy(model, squared=False, patterns=patterns)
+    squared, squared_handles = _make_copy(model, squared=True, patterns=None)
+    record = _record_hooks(model, patterns)
+    z1_sums: dict[tuple[int, ...], list[Tensor]] = {}
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                patterns.reset()
+                model.core(x)  # (a)
+                z1 = unit.core(x.double().pow(2))  # (b)
+                patterns.check_replayed()
+                key = tuple(x.shape[1:])
+                sums = [z.sum(0) for z in z1]
+                if key in z1_sums:
+                    z1_sums[key] = [s + t for s, t in zip(z1_sums[key], sums, strict=True)]
+                else:
+                    z1_sums[key] = sums
+        patterns.reset()
+        device = next(squared.parameters()).device
+        for key, sums in z1_sums.items():  # (c): one pass and one backward per input shape
+            ones = torch.ones((1, *key), dtype=torch.float64, device=device)
+            z2 = [z[0] for z in squared.core(ones)]
+            path_objective(sums, z2).backward()
+    finally:
+        for h in (*record, *unit_handles, *squared_handles):
+            h.remove()
+        model.train(was_training)
+    params = dict(model.named_parameters())
+    out = {}
+    for name, p in squared.named_parameters():
+        if p.requires_grad:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            if not torch.isfinite(grad).all():
+                raise MethodError(
+                    f"px: ∂R/∂θ² of '{name}' is not finite (the network is too deep for float64)"
+                )
+            out[name] = px_saliency(params[name], grad).cpu()
+    return out
+
+
+class PXImportance(tp.importance.Importance):
+    """A filter's score: S summed over its weights and its norm's γ, over the group's
+    output-pruned layers (the filters removed together)."""
+
+    def __init__(self, saliency: dict[str, Tensor], names: dict[nn.Module, str]) -> None:
+        self.saliency = saliency
+        self.names = names
+
+    @torch.no_grad()
+    def __call__(self, group: tp.Group, **kwargs: Any) -> Tensor:
+        graph = group._DG
+        total = torch.zeros(len(group[0].idxs), dtype=torch.float64)
+        seen = set()
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            name = self.names.get(module)
+            if name is None or name in seen or not graph.is_out_channel_pruning_fn(handler):
+                continue
+            seen.add(name)
+            s = self.saliency.get(f"{name}.weight")
+            if s is None:
+                continue
+            per_channel = filter_saliency(s)
+            idxs = torch.as_tensor(list(item.idxs), dtype=torch.long)
+            roots = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
+            total.index_add_(0, roots, per_channel.index_select(0, idxs))
+        return total
+
+
+# -- the method ----------------------------------------------------------------------------------
+
+
+def _counts(steps: list[tuple[int, int]], prefix: int) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for gi, removed in steps[:prefix]:
+        counts[gi] = max(counts.get(gi, 0), removed)
+    return counts
+
+
+@register("px")
+class PX(Method):
+    """Path eXclusion, filter-level, global, in ``rounds`` rescored rounds (module docstring)."""
+
+    scope = "global"
+    defaults = {"rounds": 3}
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if int(self.options["rounds"]) < 1:
+            raise MethodError("px: rounds must be at least 1")
+
+    def saliencies(self, model: Detector, ctx: PruneContext) -> dict[str, Tensor]:
+        if not ctx.calibration:
+            raise MethodError("px needs calibration images (ctx.calibration)")
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            inputs = [model.preprocess([im.to(device) for im in images]) for images, _ in ctx.calibration]
+        return px_saliencies(model, inputs)
+
+    def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
+        names = {m: n for n, m in model.named_modules()}
+        return PXImportance(self.saliencies(model, ctx), names)
+
+    def prune(self, model: Detector, ctx: PruneContext, target: Target) -> PruneReport:
+        start = time.perf_counter()
+        kind, tol, rounds = target.kind, ctx.tolerance, int(self.options["rounds"])
+        model.eval()
+        before = Snapshot.of(model)
+        size0 = measure(model, kind)
+        first = describe_groups(model, dependency_graph(model))
+        original = {g.root: g.size for g in first}
+        report_groups: dict[str, dict[str, list[str]]] = {}
+        achieved, probes, history = 0.0, 0, []
+        for r in range(rounds):
+            if r > 0 and abs(achieved - target.rate) <= tol:
+                break  # coarse steps got there early
+            goal = target.rate if r == rounds - 1 else achieved + (target.rate - achieved) / (rounds - r)
+            groups = score_groups(model, self.importance(model, ctx))
+            if r == 0:
+                report_groups = {g.root: {"members": g.members, "consumers": g.consumers} for g in groups}
+            steps = self._steps(groups, original, ctx)
+            cache: dict[int, float] = {0: achieved}
+
+            def reduction(prefix: int, groups: list[GroupScores] = groups, steps=steps, cache=cache) -> float:
+                if prefix not in cache:
+                    probe = copy.deepcopy(model)
+                    apply_removal(probe, groups, _counts(steps, prefix))
+                    cache[prefix] = 1.0 - measure(probe, kind) / size0
+                return cache[prefix]
+
+            if not steps or reduction(len(steps)) < target.rate - tol:
+                raise MethodError(
+                    f"{target} is out of reach: removing all allowed channels (max_layer_ratio="
+                    f"{ctx.max_layer_ratio}) saves {reduction(len(steps)) if steps else achieved:.1%}"
+                )
+            if reduction(len(steps)) < goal:
+                best = len(steps)
+            else:
+                found = first_reaching(reduction, goal, len(steps), close_enough=tol / 2)
+                best = min(
+                    (p for p in (found - 1, found) if p in cache),
+                    key=lambda p: abs(cache[p] - goal),
+                )
+            probes += len(cache) - 1
+            if r == rounds - 1 and abs(reduction(best) - target.rate) > tol:
+                raise MethodError(
+                    f"{target}: the closest achievable reduction is {reduction(best):.2%}; lower round_to"
+                )
+            apply_removal(model, groups, _counts(steps, best))
+            achieved = 1.0 - measure(model, kind) / size0
+            history.append(round(achieved, 6))
+        model.eval()
+        report = build_report(model, before, target, report_groups)
+        report.method = self.name
+        report.probes = probes
+        report.seconds = time.perf_counter() - start
+        report.notes = {"rounds": rounds, "achieved_per_round": history}
+        return report
+
+    @staticmethod
+    def _steps(
+        groups: list[GroupScores], original: dict[str, int], ctx: PruneContext
+    ) -> list[tuple[int, int]]:
+        """Global removal steps, each group capped at ``max_layer_ratio`` of its original width."""
+        steps = removal_steps(groups, "global", ctx.round_to, ctx.max_layer_ratio)
+        room = {}
+        for gi, g in enumerate(groups):
+            orig = original.get(g.root, len(g.order))
+            room[gi] = len(g.order) - max(1, math.ceil(orig * (1 - ctx.max_layer_ratio)))
+        return [(gi, removed) for gi, removed in steps if removed <= room[gi]]

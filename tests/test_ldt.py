@@ -1,0 +1,337 @@
+"""LDT: the pure math on hand-made inputs, the training hook, tracing on a toy, a tiny-FCOS prune."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import tomllib
+import torch
+from torch import Tensor
+
+import methods.ldt  # noqa: F401  (registers "ldt")
+from datasets import build_dataset
+from detectors import build_detector
+from methods import MethodError, PruneContext, Target, build_method
+from methods.budget import score_groups
+from methods.ldt import LDT, map_instances
+from methods.ldt_math import (
+    FEW_CLASSES,
+    SINGLETON_CLASS,
+    SINGULAR,
+    DegenerateScatter,
+    box_cells,
+    covariance_penalty,
+    discriminants,
+    discriminating_power,
+    instance_features,
+    ld_loss,
+    location_attention,
+    scatter_matrices,
+)
+from tests.conftest import ToyDetector
+
+SUITE = Path(__file__).resolve().parents[1] / "runners" / "suites" / "ldt_ablation.toml"
+
+
+# -- the math -----------------------------------------------------------------------------------
+
+
+def _clusters(seed: int = 0, per_class: int = 10, classes: int = 3, dims: int = 5) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(classes).repeat_interleave(per_class)
+    means = 4.0 * torch.randn(classes, dims, generator=g, dtype=torch.float64)
+    return means[y] + torch.randn(len(y), dims, generator=g, dtype=torch.float64), y
+
+
+def test_ld_loss_is_lower_for_separated_classes() -> None:
+    X, y = _clusters()
+    shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(1))]
+    assert ld_loss(X, y) < ld_loss(X, shuffled)
+    assert ld_loss(X, y) < 0
+
+
+def test_ld_loss_gradient_matches_finite_differences() -> None:
+    X, y = _clusters(seed=2, per_class=4, classes=3, dims=4)
+    X.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: ld_loss(x, y, epsilon=1.2, lam=1e-3), (X,))
+    # a wide window averages both discriminants; the gradient stays exact
+    assert torch.autograd.gradcheck(lambda x: ld_loss(x, y, epsilon=1e6, lam=1e-2), (X,))
+    assert torch.autograd.gradcheck(covariance_penalty, (X,))
+
+
+def test_ld_loss_window_keeps_the_top_eigenvalues_near_their_minimum() -> None:
+    X, y = _clusters(seed=3, per_class=6, classes=4, dims=6)
+    S_b, S_w, _ = scatter_matrices(X, y, 1e-3)
+    nu = torch.linalg.eigvals(torch.linalg.solve(S_w, S_b)).real.sort().values
+    top = nu[-3:]  # n - 1 = 3
+    for eps in (0.0, 1.2, 1e9):
+        expected = -top[top <= top.min() + eps].mean()
+        assert torch.allclose(ld_loss(X, y, epsilon=eps), expected, rtol=1e-6)
+
+
+def test_discriminants_solve_the_generalised_problem() -> None:
+    X, y = _clusters(seed=4, per_class=8, classes=3, dims=5)
+    S_b, S_w, _ = scatter_matrices(X, y, 1e-3)
+    nu, V = discriminants(X, y, 1e-3)
+    assert nu.shape == (2,) and V.shape == (5, 2) and nu[0] >= nu[1]
+    assert torch.allclose(S_b @ V, S_w @ V * nu, atol=1e-8)
+    assert torch.allclose(V.T @ S_w @ V, torch.eye(2, dtype=V.dtype), atol=1e-8)
+    assert (X.mean(0) @ V >= 0).all()  # the sign convention
+    assert torch.allclose(discriminating_power(nu, V), (nu * V**2).sum(1))
+
+
+def test_covariance_penalty_zero_for_diagonal_scatter_and_grows_with_correlation() -> None:
+    z1 = torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64)
+    z2 = torch.tensor([0.0, 0.0, 1.0, -1.0], dtype=torch.float64)
+    assert covariance_penalty(torch.stack([z1, 3 * z2], dim=1)) == 0
+    values = [
+        float(covariance_penalty(torch.stack([z1, r * z1 + math.sqrt(1 - r * r) * z2], dim=1)))
+        for r in (0.0, 0.3, 0.6, 0.9)
+    ]
+    assert values[0] == 0 and all(a < b for a, b in zip(values[:-1], values[1:], strict=True))
+
+
+def test_degenerate_scatter_raises_with_a_reason() -> None:
+    X = torch.randn(6, 3, dtype=torch.float64)
+    with pytest.raises(DegenerateScatter) as exc:
+        ld_loss(X, torch.zeros(6, dtype=torch.long))
+    assert exc.value.reason == FEW_CLASSES
+    with pytest.raises(DegenerateScatter) as exc:
+        ld_loss(X, torch.tensor([0, 0, 0, 0, 0, 1]))
+    assert exc.value.reason == SINGLETON_CLASS
+    with pytest.raises(DegenerateScatter) as exc:
+        ld_loss(torch.zeros(6, 3), torch.tensor([0, 0, 0, 1, 1, 1]), lam=0.0)
+    assert exc.value.reason == SINGULAR
+
+
+def test_location_attention_inside_outside_and_overlap() -> None:
+    box = torch.tensor([[20.0, 40.0, 60.0, 60.0]])  # centre (40, 50), half-sides 20 x 10
+    A = location_attention(box, (100, 100), 1)
+    assert A.shape == (100, 100)
+    assert A[40:60, 20:60].min() >= 0.9  # every pixel centre inside the box
+    ys, xs = torch.meshgrid(torch.arange(100) + 0.5, torch.arange(100) + 0.5, indexing="ij")
+    twice = ((xs - 40).abs() >= 40) | ((ys - 50).abs() >= 20)  # outside the box doubled in size
+    assert A[twice].max() < 1e-3
+    other = torch.tensor([[50.0, 45.0, 90.0, 95.0]])
+    both = location_attention(torch.cat([box, other]), (100, 100), 1)
+    assert torch.equal(both, torch.maximum(A, location_attention(other, (100, 100), 1)))
+    # a coarser map (stride 4) evaluates it at its own cell centres 2, 6, 10, ...
+    coarse = location_attention(box, (25, 25), 4)
+    assert coarse[10:15, 5:15].min() >= 0.9 and coarse[:, :1].max() < 1e-3
+    assert location_attention(torch.zeros(0, 4), (3, 3), 8).eq(0).all()
+
+
+def test_box_cells_and_instance_features() -> None:
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 8.0, 8.0],  # exactly one cell
+            [3.0, 3.0, 3.5, 3.5],  # smaller than a cell: still one
+            [9.0, 1.0, 17.0, 30.0],  # x cells 1..2, y cells 0..3
+            [60.0, 60.0, 200.0, 200.0],  # runs off the map: clipped
+        ]
+    )
+    cells = box_cells(boxes, 8, (8, 8))
+    assert cells.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [1, 0, 3, 4], [7, 7, 8, 8]]
+    feat = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(1, 2, 8, 8)
+    X = instance_features(feat, cells, [0] * len(cells))
+    expected = [[feat[0, c, y0:y1, x0:x1].max().item() for c in range(2)] for x0, y0, x1, y1 in cells]
+    assert X.tolist() == expected
+
+
+def test_boxes_map_to_the_preprocessed_tensor_and_outside_boxes_drop() -> None:
+    image = torch.zeros(3, 100, 200)  # H x W
+    target = {
+        "boxes": torch.tensor(
+            [[10.0, 20.0, 30.0, 40.0], [210.0, 0.0, 220.0, 10.0], [-5.0, 90.0, 5.0, 120.0]]
+        ),
+        "labels": torch.tensor([0, 1, 2]),
+    }
+    inst, dropped = map_instances([image], [target], (64, 128))  # resized by 0.64
+    assert dropped == 1
+    assert torch.allclose(inst.boxes[0], torch.tensor([[10.0, 20, 30, 40], [-5, 90, 5, 120]]) * 0.64)
+    assert inst.labels[0].tolist() == [0, 2]
+    assert inst.extents[0] == pytest.approx((64.0, 128.0))
+
+
+# -- the method on a toy ------------------------------------------------------------------------
+
+
+class TraceToy(ToyDetector):
+    """The shared toy with the preprocessing and loss the method needs."""
+
+    def preprocess(self, images: list[Tensor]) -> Tensor:
+        return torch.stack(images)
+
+    def loss(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        cls, box = self.core(self.preprocess(images))
+        return {"toy": cls.pow(2).mean() + box.pow(2).mean()}
+
+
+def _toy_batch(labels: list[list[int]], seed: int = 0) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for row in labels:
+        images.append(torch.rand(3, 16, 16, generator=g))
+        boxes = [
+            [1.0 + 7 * (i % 2), 2.0 + 6 * (i // 2), 7.0 + 7 * (i % 2), 7.0 + 6 * (i // 2)]
+            for i in range(len(row))
+        ]
+        targets.append({"boxes": torch.tensor(boxes).reshape(-1, 4), "labels": torch.tensor(row)})
+    return images, targets
+
+
+@pytest.fixture
+def trace_toy() -> TraceToy:
+    torch.manual_seed(0)
+    return TraceToy().eval()
+
+
+def test_tracing_gives_zero_importance_to_channels_that_do_not_reach_the_neck(trace_toy) -> None:
+    with torch.no_grad():
+        trace_toy.conv2.weight[:, 1:] = 0  # conv1's channel 0 alone feeds the neck (conv2)
+    batch = _toy_batch([[0, 1], [1, 0], [0, 1], [1, 0]])
+    method = LDT()
+    ctx = PruneContext(calibration=[batch], progress=False)
+    groups = {g.root: g for g in score_groups(trace_toy, method.importance(trace_toy, ctx))}
+    conv1 = groups["conv1"]
+    scores = conv1.sorted_scores[torch.argsort(conv1.order)]  # back to channel order
+    assert scores[0] > 0 and scores[1:].eq(0).all()
+    assert groups["conv2"].sorted_scores.gt(0).any()
+    assert method.summary[0]["instances"] == 8 and len(method.summary[0]["eigenvalues"]) == 1
+    # the detection utility, and no attention, trace the same structure
+    for options in ({"utility": "detection"}, {"location_attention": False}):
+        traced = LDT(**options).trace(trace_toy, ctx)
+        assert traced[trace_toy.conv1][0] > 0 and traced[trace_toy.conv1][1:].eq(0).all()
+
+
+def test_attention_weights_the_pixels_near_the_boxes(trace_toy) -> None:
+    batch = _toy_batch([[0, 1], [1, 0], [0, 1], [1, 0]])
+    ctx = PruneContext(calibration=[batch], progress=False)
+    with_attention = LDT().trace(trace_toy, ctx)[trace_toy.conv1]
+    without = LDT(location_attention=False).trace(trace_toy, ctx)[trace_toy.conv1]
+    assert (with_attention <= without).all()  # attention <= 1, and < 1 away from the boxes
+    assert with_attention.sum() < without.sum()
+    assert not torch.allclose(with_attention / with_attention.sum(), without / without.sum())
+
+
+def _train_step(model: TraceToy, method: LDT, batch) -> tuple[Tensor | None, dict[str, Tensor]]:
+    model.train()
+    losses = model.loss(*batch)
+    return method.train_loss(model, PruneContext(progress=False), batch, losses), losses
+
+
+def test_train_loss_uses_the_loss_pass_and_survives_copies(trace_toy) -> None:
+    method = LDT()
+    batch = _toy_batch([[0, 1], [1, 0], [0, 1], [1, 0]])
+    extra, _ = _train_step(trace_toy, method, batch)  # first call: hook attached, pass recomputed
+    assert extra is not None and torch.isfinite(extra)
+    assert method.stats()["train"]["recomputed"] == 1
+    captured = []
+    probe = trace_toy.conv2.register_forward_hook(lambda m, a, out: captured.append(out))
+    extra, _ = _train_step(trace_toy, method, batch)
+    probe.remove()
+    assert method.stats()["train"]["recomputed"] == 1  # the loss pass's features were used
+    inst, _ = map_instances(*batch, (16, 16))
+    X = inst.features(captured[0], 1)
+    expected = 5e-3 * ld_loss(X, inst.y) + 5e-4 * covariance_penalty(X)
+    assert torch.allclose(extra, expected.float())
+    (grad,) = torch.autograd.grad(extra, trace_toy.conv1.weight)
+    assert grad.abs().sum() > 0
+
+    clone = copy.deepcopy(trace_toy)  # the budget's probes deep-copy a hooked model
+    clone.train()
+    clone.loss(*batch)
+    assert method._latest is None  # the copy's hook is inert
+    extra, _ = _train_step(clone, method, batch)  # a new model: the hook moves to it
+    assert extra is not None and method.stats()["train"]["recomputed"] == 2
+    method.detach()
+    trace_toy.train()
+    trace_toy.loss(*batch)
+    assert method._latest is None
+
+
+def test_degenerate_batches_are_skipped_and_counted(trace_toy) -> None:
+    method = LDT()
+    one_class = _toy_batch([[0, 0], [0, 0]])
+    singleton = _toy_batch([[0, 0], [0, 1]])
+    for batch in (one_class, singleton):
+        extra, _ = _train_step(trace_toy, method, batch)
+        assert extra is None
+    zero = TraceToy()
+    with torch.no_grad():
+        zero.conv2.weight.zero_()
+        zero.conv2.bias.zero_()
+    singular = LDT(lam=0.0)
+    extra, losses = _train_step(zero, singular, _toy_batch([[0, 1], [1, 0]]))
+    assert extra is None and all(torch.isfinite(v) for v in losses.values())
+    train = method.stats()["train"]
+    assert train["scales"] == 2 and train["skipped"] == 2 and train["skip_rate"] == 1.0
+    assert train[FEW_CLASSES] == 1 and train[SINGLETON_CLASS] == 1
+    assert singular.stats()["train"][SINGULAR] == 1
+    # a calibration set without a usable scale is one clear error, not an empty ranking
+    with pytest.raises(MethodError, match="no neck scale has a usable discriminant"):
+        LDT().prepare(trace_toy, PruneContext(calibration=[one_class], progress=False))
+
+
+def test_options_regime_and_validation() -> None:
+    assert build_method("ldt").regime == "ldt" and LDT.scope == "global"
+    off = build_method("ldt", ldt_training=False)
+    assert off.regime == "plain" and off.regime_options() == {}
+    assert off.train_loss(None, PruneContext(), ([], []), {}) is None
+    assert set(build_method("ldt", a=0.1).regime_options()) == {"alpha", "beta", "epsilon", "lam"}
+    assert LDT.defaults["alpha"] == 5e-3 and LDT.defaults["epsilon"] == 1.2 and LDT.defaults["b"] == 7.5
+    for bad in ({"utility": "both"}, {"alpha": -1.0}, {"b": 0.0}, {"location_attention": "yes"}, {"nope": 1}):
+        with pytest.raises(MethodError):
+            build_method("ldt", **bad)
+
+
+def test_ablation_suite_names_valid_variants() -> None:
+    raw = tomllib.loads(SUITE.read_text())
+    assert raw["methods"][0] == "ldt"
+    for name in raw["methods"]:
+        build_method(name.partition(":")[0], **raw.get("method_options", {}).get(name, {}))
+    variants = {n: o for n, o in raw["method_options"].items() if n.startswith("ldt")}
+    assert {"ldt_training", "utility", "location_attention"} <= {k for o in variants.values() for k in o}
+
+
+# -- a real detector ----------------------------------------------------------------------------
+
+
+def test_tiny_fcos_prunes_to_the_budget_and_keeps_training(tmp_path) -> None:
+    data = build_dataset("synthetic-coco", "train", root=tmp_path, num_train=8, num_val=0, image_size=64)
+    samples = [data[i] for i in range(len(data))]
+    batch = ([s[0] for s in samples], [s[1] for s in samples])
+    torch.manual_seed(0)
+    model = build_detector("fcos", 3, "tiny", 64)
+    method = build_method("ldt")
+    extra, _ = _train_step(model, method, batch)  # an LDT training step before pruning
+    assert extra is not None and torch.isfinite(extra)
+    model.eval()
+    shapes = [o.shape for o in model.core(model.example_input())]
+    ctx = PruneContext(calibration=[batch], round_to=1, progress=False)
+    report = method.prune(model, ctx, Target.parse("params:0.3"))
+    assert abs(report.achieved["params"] - 0.3) <= 0.005
+    assert [o.shape for o in model.core(model.example_input())] == shapes
+    notes = report.notes["ldt"]
+    assert len(notes["discriminants"]) == len(model.strides)
+    assert notes["unscored_groups"] and all(n.startswith("head.") for n in notes["unscored_groups"])
+    assert not any(name.startswith("head.") for name in report.layers)  # D never reaches the head
+    extra, _ = _train_step(model, method, batch)  # re-training on the pruned model
+    assert extra is not None and torch.isfinite(extra)
+    assert notes["train_counters"]["batches"] == 2  # the report's training counters stay live
+    assert notes["trace_counters"]["batches"] == 2  # calibration: one pooling pass, one tracing pass
+
+
+def test_cached_scores_share_the_scoring_notes(trace_toy) -> None:
+    if "score_cache" not in PruneContext.__dataclass_fields__:
+        pytest.skip("this tree's PruneContext has no score cache")
+    batch = _toy_batch([[0, 1], [1, 0], [0, 1], [1, 0]])
+    ctx = PruneContext(calibration=[batch], round_to=1, progress=False, score_cache={})
+    first = LDT().prune(copy.deepcopy(trace_toy), ctx, Target.parse("channels:0.25"))
+    second = LDT().prune(copy.deepcopy(trace_toy), ctx, Target.parse("channels:0.5"))
+    assert second.notes["scores_cached"] and not first.notes["scores_cached"]
+    assert second.notes["ldt"]["discriminants"] == first.notes["ldt"]["discriminants"] != []
+    assert second.notes["ldt"]["trace_counters"]["batches"] == 2
