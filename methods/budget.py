@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -167,6 +168,32 @@ def _size(model: Detector, kind: str) -> float:
     return float(count_channels(model))
 
 
+def _search(reduction: Callable[[int], float], lo: int, hi: int, target: float, good: float) -> int:
+    """The prefix whose reduction is closest to ``target``, for a non-decreasing ``reduction``.
+
+    Interpolation between the bracket's ends (the reduction is nearly linear in the prefix
+    length), falling back to bisection when a step shrinks the bracket by less than half;
+    stops early at a prefix within ``good`` of the target. Keeps reduction(lo) < target <= reduction(hi).
+    """
+    if reduction(hi) < target:
+        return hi
+    interpolate = True
+    while hi - lo > 1:
+        f_lo, f_hi = reduction(lo), reduction(hi)
+        if interpolate and f_hi > f_lo:
+            guess = lo + round((target - f_lo) / (f_hi - f_lo) * (hi - lo))
+        else:
+            guess = (lo + hi) // 2
+        guess = min(max(guess, lo + 1), hi - 1)
+        value = reduction(guess)
+        if abs(value - target) <= good:
+            return guess
+        width = hi - lo
+        lo, hi = (lo, guess) if value >= target else (guess, hi)
+        interpolate = (hi - lo) <= width / 2
+    return min((lo, hi), key=lambda p: abs(reduction(p) - target))
+
+
 def prune_to_budget(
     model: Detector, groups: list[GroupScores], target: Target, ctx: PruneContext, scope: str
 ) -> PruneReport:
@@ -182,19 +209,14 @@ def prune_to_budget(
             cache[prefix] = 1.0 - _size(probe, target.kind) / before
         return cache[prefix]
 
+    cache[0] = 0.0
     lo, hi = 0, len(steps)
     if reduction(hi) < target.rate - ctx.tolerance:
         raise MethodError(
             f"{target} is out of reach: removing all allowed channels (max_layer_ratio="
             f"{ctx.max_layer_ratio}) saves {reduction(hi):.1%}"
         )
-    while lo < hi:  # smallest prefix reaching the target
-        mid = (lo + hi) // 2
-        if reduction(mid) >= target.rate:
-            hi = mid
-        else:
-            lo = mid + 1
-    best = min((p for p in (lo - 1, lo) if p >= 0), key=lambda p: abs(reduction(p) - target.rate))
+    best = _search(reduction, lo, hi, target.rate, ctx.tolerance / 2)
     if abs(reduction(best) - target.rate) > ctx.tolerance:
         raise MethodError(
             f"{target}: the closest achievable reduction is {reduction(best):.2%}; lower round_to"

@@ -58,20 +58,37 @@ def box_cells(boxes: Tensor, stride: float, limit: Sequence[int] | Tensor) -> Te
     return torch.stack([x0, y0, x1, y1], dim=1).long()
 
 
-def instance_features(feat: Tensor, cells: Tensor, image: Tensor | Sequence[int]) -> Tensor:
+def instance_features(
+    feat: Tensor, cells: Tensor, image: Tensor | Sequence[int], chunk: int = 1 << 22
+) -> Tensor:
     """``f_k[c]`` = max of channel ``c`` over box ``k``'s cells: ``[K, C]``, differentiable.
 
     ``feat``: ``[B, C, H, W]``; ``cells``: ``[K, 4]`` from ``box_cells``; ``image[k]``: the
-    batch index of box ``k``.
+    batch index of box ``k``. The arg-max cells are found without gradients (masked, at most
+    ``chunk`` elements at a time), then gathered, so the backward pass is one scatter per map
+    (the gradient goes to one arg-max cell per channel, as ``amax`` does short of exact ties).
     """
-    index = image.tolist() if isinstance(image, Tensor) else list(image)
-    rows = [
-        feat[b, :, y0:y1, x0:x1].amax(dim=(1, 2))
-        for b, (x0, y0, x1, y1) in zip(index, cells.tolist(), strict=True)
-    ]
-    if not rows:
-        return feat.new_zeros((0, feat.shape[1]))
-    return torch.stack(rows)
+    B, C, H, W = feat.shape
+    index = torch.as_tensor(image, dtype=torch.long, device=feat.device).reshape(-1)
+    K = int(cells.shape[0])
+    if K == 0:
+        return feat.new_zeros((0, C))
+    flat = feat.flatten(2)  # [B, C, HW]
+    with torch.no_grad():
+        c = cells.to(feat.device)
+        ys = torch.arange(H, device=feat.device)
+        xs = torch.arange(W, device=feat.device)
+        rows = (ys[None] >= c[:, 1:2]) & (ys[None] < c[:, 3:4])  # [K, H]
+        cols = (xs[None] >= c[:, 0:1]) & (xs[None] < c[:, 2:3])  # [K, W]
+        inside = (rows[:, :, None] & cols[:, None, :]).reshape(K, 1, H * W)
+        step = max(1, chunk // max(1, C * H * W))
+        arg = torch.cat(
+            [
+                flat[index[i : i + step]].masked_fill(~inside[i : i + step], float("-inf")).argmax(dim=2)
+                for i in range(0, K, step)
+            ]
+        )  # [K, C]
+    return flat[index[:, None], torch.arange(C, device=feat.device)[None, :], arg]
 
 
 # -- Deep LDA ---------------------------------------------------------------------------------

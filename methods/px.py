@@ -223,50 +223,68 @@ def _make_copy(model: Detector, squared: bool, patterns: _Patterns | None) -> tu
     return twin, handles
 
 
+class PathPasses:
+    """The three passes over one model: ``z1(x)`` records (a) on the model and replays it on the
+    unit copy (b); ``z2(shape)`` runs the squared copy (c). Use as a context manager: the hooks on
+    the model come off at exit and the model is left as it was."""
+
+    def __init__(self, model: Detector) -> None:
+        self.model = model
+        self.patterns = _Patterns()
+        self._was_training = model.training
+        model.eval()
+        self.unit, unit_handles = _make_copy(model, squared=False, patterns=self.patterns)
+        self.squared, squared_handles = _make_copy(model, squared=True, patterns=None)
+        self._handles = [*unit_handles, *squared_handles, *_record_hooks(model, self.patterns)]
+
+    def __enter__(self) -> PathPasses:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.model.train(self._was_training)
+
+    @torch.no_grad()
+    def z1(self, x: Tensor) -> tuple[Tensor, ...]:
+        """(a) then (b): every output of the unit copy on ``x ⊙ x`` under the data's gates."""
+        self.patterns.reset()
+        self.model.core(x)
+        out = self.unit.core(x.double().pow(2))
+        self.patterns.check_replayed()
+        self.patterns.reset()
+        return tuple(out)
+
+    def z2(self, shape: tuple[int, ...]) -> tuple[Tensor, ...]:
+        """(c): every output of the squared copy on an all-ones input of ``shape`` (batch 1)."""
+        device = next(self.squared.parameters()).device
+        return tuple(self.squared.core(torch.ones((1, *shape), dtype=torch.float64, device=device)))
+
+
 def px_saliencies(model: Detector, inputs: Iterable[Tensor]) -> dict[str, Tensor]:
     """``S`` for every conv/linear weight and norm γ of ``model``, by parameter name.
 
     ``inputs``: preprocessed batches (what ``core`` takes). The model is left as it was.
     """
-    patterns = _Patterns()
-    was_training = model.training
-    model.eval()
-    unit, unit_handles = _make_copy(model, squared=False, patterns=patterns)
-    squared, squared_handles = _make_copy(model, squared=True, patterns=None)
-    record = _record_hooks(model, patterns)
     z1_sums: dict[tuple[int, ...], list[Tensor]] = {}
-    try:
-        with torch.no_grad():
-            for x in inputs:
-                patterns.reset()
-                model.core(x)  # (a)
-                z1 = unit.core(x.double().pow(2))  # (b)
-                patterns.check_replayed()
-                key = tuple(x.shape[1:])
-                sums = [z.sum(0) for z in z1]
-                if key in z1_sums:
-                    z1_sums[key] = [s + t for s, t in zip(z1_sums[key], sums, strict=True)]
-                else:
-                    z1_sums[key] = sums
-        patterns.reset()
-        device = next(squared.parameters()).device
+    with PathPasses(model) as passes:
+        for x in inputs:
+            sums = [z.sum(0) for z in passes.z1(x)]  # z1 summed over the images, per input shape
+            key = tuple(x.shape[1:])
+            z1_sums[key] = (
+                [s + t for s, t in zip(z1_sums[key], sums, strict=True)] if key in z1_sums else sums
+            )
         for key, sums in z1_sums.items():  # (c): one pass and one backward per input shape
-            ones = torch.ones((1, *key), dtype=torch.float64, device=device)
-            z2 = [z[0] for z in squared.core(ones)]
-            path_objective(sums, z2).backward()
-    finally:
-        for h in (*record, *unit_handles, *squared_handles):
-            h.remove()
-        model.train(was_training)
+            path_objective(sums, [z[0] for z in passes.z2(key)]).backward()
+        squared = passes.squared
     params = dict(model.named_parameters())
     out = {}
     for name, p in squared.named_parameters():
         if p.requires_grad:
             grad = p.grad if p.grad is not None else torch.zeros_like(p)
             if not torch.isfinite(grad).all():
-                raise MethodError(
-                    f"px: ∂R/∂θ² of '{name}' is not finite (the network is too deep for float64)"
-                )
+                raise MethodError(f"px: dR/d(θ²) of '{name}' is not finite (too deep for float64)")
             out[name] = px_saliency(params[name], grad).cpu()
     return out
 

@@ -139,6 +139,19 @@ def test_box_cells_and_instance_features() -> None:
     X = instance_features(feat, cells, [0] * len(cells))
     expected = [[feat[0, c, y0:y1, x0:x1].max().item() for c in range(2)] for x0, y0, x1, y1 in cells]
     assert X.tolist() == expected
+    # values and gradient match the plain per-box max, over several images and chunks
+    feat = torch.randn(2, 3, 8, 8, requires_grad=True)
+    image = [0, 1, 1, 0]
+    X = instance_features(feat, cells, image, chunk=3 * 64)  # one box per chunk
+    reference = torch.stack(
+        [
+            feat[b, :, y0:y1, x0:x1].amax(dim=(1, 2))
+            for b, (x0, y0, x1, y1) in zip(image, cells.tolist(), strict=True)
+        ]
+    )
+    weights = torch.randn_like(reference)
+    assert torch.equal(X, reference)
+    assert torch.allclose(*(torch.autograd.grad((v * weights).sum(), feat)[0] for v in (X, reference)))
 
 
 def test_boxes_map_to_the_preprocessed_tensor_and_outside_boxes_drop() -> None:
