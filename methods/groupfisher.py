@@ -171,10 +171,10 @@ def first_reaching(
     way whose reduction is within ``close_enough`` of ``rate``.
 
     ``reduction`` grows with ``k``, ``reduction(0) < rate <= reduction(n)``; each call is a probe on
-    a copy, so the bracket shrinks by interpolation along ``predicted`` (an estimate of
-    ``reduction(0..n)``; a straight line without it), rescaled to the exact values at the bracket's
-    ends. When two interpolation steps in a row land on the same side without halving the bracket,
-    the next step halves it.
+    a copy. The first guess is where ``predicted`` (an estimate of ``reduction(0..n)``, accurate for
+    small removals) reaches ``rate``; then the bracket shrinks by interpolation along it (a straight
+    line without it), rescaled to the exact values at the bracket's ends. When two interpolation
+    steps in a row land on the same side without halving the bracket, the next step halves it.
     """
     pred = list(predicted) if predicted is not None else list(range(n + 1))
     lo, hi = 0, n  # reduction(lo) < rate <= reduction(hi)
@@ -182,7 +182,9 @@ def first_reaching(
     while hi - lo > 1:
         r_lo, r_hi = reduction(lo), reduction(hi)
         mid = (lo + hi) // 2
-        if stalls < 2 and r_hi > r_lo and pred[hi] > pred[lo]:
+        if last_side is None and predicted is not None:  # first guess: the estimate as it is
+            mid = next((k for k in range(lo + 1, hi) if pred[k] >= rate), hi - 1)
+        elif stalls < 2 and r_hi > r_lo and pred[hi] > pred[lo]:
             scale = (r_hi - r_lo) / (pred[hi] - pred[lo])
             mid = next((k for k in range(lo + 1, hi) if r_lo + (pred[k] - pred[lo]) * scale >= rate), hi - 1)
         else:
@@ -346,6 +348,9 @@ class Snapshot:
     @classmethod
     def of(cls, model: Detector) -> Snapshot:
         return cls(count_params(model), count_gmacs(model), count_channels(model), layer_widths(model))
+
+    def size(self, kind: str) -> float:
+        return float({"params": self.params, "flops": self.gmacs, "channels": self.channels}[kind])
 
 
 def build_report(
@@ -582,7 +587,7 @@ class GroupFisher(Method):
         fixed = {id(m) for m in model.prune_ignored()}
         model.eval()
         before = Snapshot.of(model)
-        size0 = measure(model, kind)
+        size0 = before.size(kind)
         graph = dependency_graph(model)
         groups = describe_groups(model, graph)
         original = {g.root: g.size for g in groups}
@@ -631,12 +636,12 @@ class GroupFisher(Method):
                     f"{target}: stuck at {achieved:.2%}: no allowed removal fits the tolerance; "
                     "lower round_to"
                 )
-            step, achieved, used = self._step(
+            step, probed, used = self._step(
                 model, groups, scores, chosen, costs[kind] / size0, target, tol, size0, achieved
             )
             probes += used
             prune_plan(model, graph, step)
-            achieved = 1 - measure(model, kind) / size0
+            achieved = probed  # the same removal, measured on a copy
             removed += sum(len(v) for v in step.values())
             steps += 1
             bar.update(max(0, min(100, round(100 * achieved / target.rate)) - bar.n))

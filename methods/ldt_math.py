@@ -95,7 +95,7 @@ def instance_features(
 
 
 def check_classes(y: Tensor) -> str | None:
-    """The skip reason for labels ``y``, or None when every class has >= 2 instances of >= 2."""
+    """The skip reason for labels ``y``; None when >= 2 classes are present, each >= 2 times."""
     _, counts = torch.unique(y, return_counts=True)
     if counts.numel() < 2:
         return FEW_CLASSES

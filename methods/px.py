@@ -65,7 +65,15 @@ from detectors.base import Detector
 
 from .base import Method, MethodError, PruneContext, PruneReport, Target, register
 from .budget import GroupScores, apply_removal, dependency_graph, removal_steps, score_groups
-from .groupfisher import Snapshot, build_report, describe_groups, first_reaching, measure
+from .groupfisher import (
+    Snapshot,
+    build_report,
+    channel_costs,
+    describe_groups,
+    first_reaching,
+    measure,
+    output_positions,
+)
 
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU,
@@ -357,9 +365,10 @@ class PX(Method):
         kind, tol, rounds = target.kind, ctx.tolerance, int(self.options["rounds"])
         model.eval()
         before = Snapshot.of(model)
-        size0 = measure(model, kind)
+        size0 = before.size(kind)
         first = describe_groups(model, dependency_graph(model))
         original = {g.root: g.size for g in first}
+        positions, fixed = output_positions(model), {id(m) for m in model.prune_ignored()}
         report_groups: dict[str, dict[str, list[str]]] = {}
         achieved, probes, history = 0.0, 0, []
         for r in range(rounds):
@@ -371,6 +380,16 @@ class PX(Method):
                 report_groups = {g.root: {"members": g.members, "consumers": g.consumers} for g in groups}
             steps = self._steps(groups, original, ctx)
             cache: dict[int, float] = {0: achieved}
+            # the estimated reduction along the steps guides the search for the round's prefix
+            infos = describe_groups(model, dependency_graph(model))
+            per_channel = channel_costs(infos, positions, fixed)[kind] / size0
+            saving = {info.root: float(per_channel[i]) for i, info in enumerate(infos)}
+            predicted, last = [achieved], {}
+            for gi, removed in steps:
+                predicted.append(
+                    predicted[-1] + (removed - last.get(gi, 0)) * saving.get(groups[gi].root, 0.0)
+                )
+                last[gi] = removed
 
             def reduction(prefix: int, groups: list[GroupScores] = groups, steps=steps, cache=cache) -> float:
                 if prefix not in cache:
@@ -387,7 +406,7 @@ class PX(Method):
             if reduction(len(steps)) < goal:
                 best = len(steps)
             else:
-                found = first_reaching(reduction, goal, len(steps), close_enough=tol / 2)
+                found = first_reaching(reduction, goal, len(steps), predicted, close_enough=tol / 2)
                 best = min(
                     (p for p in (found - 1, found) if p in cache),
                     key=lambda p: abs(cache[p] - goal),
@@ -398,7 +417,7 @@ class PX(Method):
                     f"{target}: the closest achievable reduction is {reduction(best):.2%}; lower round_to"
                 )
             apply_removal(model, groups, _counts(steps, best))
-            achieved = 1.0 - measure(model, kind) / size0
+            achieved = reduction(best)  # the same removal, measured on a copy
             history.append(round(achieved, 6))
         model.eval()
         report = build_report(model, before, target, report_groups)

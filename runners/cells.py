@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import multiprocessing as mp
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +23,11 @@ from datasets import build_dataset
 from datasets.base import DetectionDataset
 from detectors import Detector, build_detector, load_checkpoint, save_checkpoint
 from methods import Method, PruneContext, Target, build_method
-from results import ResultStore
+from results import DuplicateCellError, ResultStore
 
 from . import measure
 from .evaluate import evaluate
-from .suite import Cell, Experiment, Suite
+from .suite import Cell, Experiment, Suite, load_suite
 from .train import train
 
 
@@ -69,6 +71,7 @@ class Runner:
         self.store = ResultStore(self.out_dir / "results.sqlite")
         self._datasets: dict[str, tuple[DetectionDataset, DetectionDataset]] = {}
         self._score_caches: dict[str, dict] = {}  # per baseline: each method scores it once
+        self.jobs = 1  # how many cells run side by side: recorded with every row's timings
 
     # -- inputs ---------------------------------------------------------------------------------
     def datasets(self, experiment: Experiment) -> tuple[DetectionDataset, DetectionDataset]:
@@ -131,7 +134,7 @@ class Runner:
         return {**metrics, **measure.size(model), **timing, "eval_seconds": eval_seconds}
 
     def _row(self, cell: Cell, values: dict[str, Any]) -> dict[str, Any]:
-        env = measure.environment(self.device)
+        env = measure.environment(self.device) | {"jobs": self.jobs}
         target = Target.parse(cell.target) if cell.target else None
         _, val_set = self.datasets(cell.experiment)
         return {
@@ -217,8 +220,26 @@ class Runner:
         return self._row(cell, values)
 
     # -- the grid -------------------------------------------------------------------------------
-    def run(self) -> dict[str, int]:
+    def run_cell(self, cell: Cell) -> bool:
+        """Run one cell and store its row; False when another process finished it first."""
+        if self.store.has(cell.cell_id):
+            return False
+        row = self.run_base(cell) if cell.method == "base" else self.run_pruned(cell)
+        try:
+            self.store.put(row)
+        except DuplicateCellError:
+            return False  # a concurrent run (e.g. a killed run's worker) stored it meanwhile
+        return True
+
+    def run(self, jobs: int = 1) -> dict[str, int]:
+        """Base cells first (every baseline trained once), then the pruned cells.
+
+        With ``jobs > 1`` cells run in that many worker processes, each on its share of the
+        CPU threads; a worker writes each row itself as its cell finishes. Pruned cells go to
+        workers in chunks of one (baseline, method), so each method scores a baseline once.
+        """
         self.check_inputs()
+        self.jobs = jobs
         cells = self.suite.cells()
         done = self.store.finished_ids()
         todo = [c for c in cells if c.cell_id not in done]
@@ -229,10 +250,48 @@ class Runner:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        for cell in todo:
-            bar.set_postfix_str(cell.label)
-            row = self.run_base(cell) if cell.method == "base" else self.run_pruned(cell)
-            self.store.put(row)
-            bar.update()
+        phases = [[c for c in todo if c.method == "base"], [c for c in todo if c.method != "base"]]
+        if jobs <= 1:
+            for cell in todo:
+                bar.set_postfix_str(cell.label)
+                self.run_cell(cell)
+                bar.update()
+        else:
+            threads = max(1, torch.get_num_threads() // jobs)
+            spec = (
+                str(self.suite.path),
+                str(self.out_dir.parent),
+                str(self.work_dir),
+                str(self.device),
+                jobs,
+            )
+            with ProcessPoolExecutor(
+                jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(spec, threads)
+            ) as pool:
+                for phase in phases:
+                    chunks: dict[tuple[str, str], list[str]] = {}
+                    for cell in phase:
+                        chunks.setdefault((cell.baseline_key, cell.method), []).append(cell.cell_id)
+                    futures = [pool.submit(_run_chunk, ids) for ids in chunks.values()]
+                    for future in as_completed(futures):
+                        bar.update(future.result())
         bar.close()
         return {"cells": len(cells), "ran": len(todo), "skipped": len(cells) - len(todo)}
+
+
+_WORKER: Runner | None = None
+
+
+def _init_worker(spec: tuple[str, str, str, str, int], threads: int) -> None:
+    global _WORKER
+    torch.set_num_threads(threads)
+    suite_path, results_dir, work_dir, device, jobs = spec
+    _WORKER = Runner(load_suite(suite_path), Path(results_dir), Path(work_dir), device, progress=False)
+    _WORKER.jobs = jobs
+
+
+def _run_chunk(cell_ids: list[str]) -> int:
+    cells = {c.cell_id: c for c in _WORKER.suite.cells()}
+    for cell_id in cell_ids:
+        _WORKER.run_cell(cells[cell_id])
+    return len(cell_ids)

@@ -42,7 +42,7 @@ def _report(suite_arg: str, results_dir: Path) -> list[Path]:
 def cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)
     runner = Runner(suite, args.results_dir, args.work_dir, args.device, progress=not args.no_progress)
-    counts = runner.run()
+    counts = runner.run(jobs=args.jobs or suite.jobs)
     print(
         f"suite {suite.name}: {counts['cells']} cells, {counts['ran']} run, {counts['skipped']} already done"
     )
@@ -131,6 +131,7 @@ def parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--device", default="cpu")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--jobs", type=int, default=None, help="worker processes (default: the suite's `jobs`)")
     run.set_defaults(fn=cmd_run)
 
     rep = sub.add_parser("report", help="regenerate a suite's tables and plots from its store")

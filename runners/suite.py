@@ -133,6 +133,7 @@ class Suite:
     measure: dict[str, Any]
     evaluate: dict[str, Any]
     method_options: dict[str, dict[str, Any]]
+    jobs: int = 1  # cells run in parallel worker processes (rows are measured with threads / jobs)
 
     def cells(self) -> list[Cell]:
         """Base cells first, so every baseline is trained and measured before any pruning."""
@@ -260,4 +261,5 @@ def load_suite(name_or_path: str | Path) -> Suite:
         measure=_table(raw, "measure", MEASURE_DEFAULTS, path),
         evaluate=_table(raw, "evaluate", EVALUATE_DEFAULTS, path),
         method_options=method_options,
+        jobs=int(raw.get("jobs", 1)),
     )

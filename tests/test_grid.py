@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from results import ResultStore
 from runners.cells import Runner
@@ -89,6 +90,16 @@ def test_grid_runs_and_resumes(tiny_suite: Path, tmp_path: Path, monkeypatch) ->
         assert frame[column].notna().all(), column
     assert all((Path(p).is_file() or (Path.cwd() / p).is_file()) for p in frame["model_path"])
     assert Runner(suite, results, work, progress=False).run()["ran"] == 0
+
+
+def test_parallel_jobs_write_every_row_once(tiny_suite: Path, tmp_path: Path) -> None:
+    suite = load_suite(tiny_suite)
+    counts = Runner(suite, tmp_path / "results", tmp_path / "work", progress=False).run(jobs=2)
+    assert counts == {"cells": 3, "ran": 3, "skipped": 0}
+    frame = ResultStore(tmp_path / "results" / "tiny" / "results.sqlite").frame("tiny")
+    assert sorted(frame["method"]) == ["base", "l1", "random"]
+    assert all('"jobs": 2' in env for env in frame["env"])
+    assert (frame["threads"] == max(1, torch.get_num_threads() // 2)).all()
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
