@@ -97,7 +97,7 @@ class Method:
 
     name: ClassVar[str] = ""
     scope: ClassVar[str] = "local"  # local: same ratio per layer; global: one ranking
-    regime: ClassVar[str] = "plain"  # the baseline training this method's cells start from
+    regime: str = "plain"  # the baseline training this method's cells start from (per instance)
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **options: Any) -> None:
@@ -105,6 +105,14 @@ class Method:
         if unknown:
             raise MethodError(f"method '{self.name}' has no option(s) {', '.join(sorted(unknown))}")
         self.options = {**self.defaults, **options}
+
+    def regime_options(self) -> dict[str, Any]:
+        """The options that shape this method's baseline training (none for the plain regime)."""
+        return dict(self.options) if self.regime != "plain" else {}
+
+    def stats(self) -> dict[str, Any]:
+        """Counters a method keeps while training or scoring (LDT's skipped scales), for the rows."""
+        return {}
 
     def prepare(self, model: Detector, ctx: PruneContext) -> None:
         """Collect statistics over ``ctx.calibration`` before scoring; nothing by default."""
@@ -156,6 +164,8 @@ def method_names() -> list[str]:
 
 
 def build_method(name: str, **options: Any) -> Method:
-    if name not in _REGISTRY:
-        raise MethodError(f"unknown method '{name}'; known: {', '.join(method_names())}")
-    return _REGISTRY[name](**options)
+    """``name`` or ``name:variant`` (a named variant: same method, its own options in a suite)."""
+    base = name.partition(":")[0]
+    if base not in _REGISTRY:
+        raise MethodError(f"unknown method '{base}'; known: {', '.join(method_names())}")
+    return _REGISTRY[base](**options)

@@ -99,17 +99,17 @@ class Runner:
             exp.detector, num_classes, size=exp.size, input_size=cell.input_size, **exp.detector_options
         )
 
-    def baseline(self, cell: Cell) -> tuple[Detector, Path, float]:
-        """The trained baseline of ``cell``: from the cache, or trained once and cached."""
+    def baseline(self, cell: Cell) -> tuple[Detector, Path, dict[str, Any]]:
+        """The trained baseline of ``cell`` and its meta: from the cache, or trained once and cached."""
         path = self.work_dir / "baselines" / f"{cell.baseline_key}.pt"
         if path.is_file():
             model, meta = load_checkpoint(path)
-            return model.to(self.device), path, float(meta.get("train_seconds", 0.0))
+            return model.to(self.device), path, meta
         train_set, _ = self.datasets(cell.experiment)
         model = self._build(cell, len(train_set.classes)).to(self.device)
-        extra = None
+        extra, method = None, None
         if cell.regime != "plain":
-            method = build_method(cell.regime, **cell.method_options)  # the method that owns the regime
+            method = build_method(cell.regime, **cell.regime_options)  # the method that owns the regime
             ctx = PruneContext(seed=cell.seed, device=self.device, progress=self.progress)
             extra = lambda m, batch, losses: method.train_loss(m, ctx, batch, losses)  # noqa: E731
         stats = train(
@@ -121,8 +121,13 @@ class Runner:
             desc=f"baseline {cell.experiment.detector}/{cell.experiment.dataset}",
             progress=self.progress,
         )
-        save_checkpoint(model, path, {"train_seconds": stats["seconds"], "baseline_key": cell.baseline_key})
-        return model, path, stats["seconds"]
+        meta = {
+            "train_seconds": stats["seconds"],
+            "baseline_key": cell.baseline_key,
+            "regime_stats": method.stats() if method is not None else {},
+        }
+        save_checkpoint(model, path, meta)
+        return model, path, meta
 
     # -- one cell -------------------------------------------------------------------------------
     def _measure(self, model: Detector, cell: Cell, val_set: DetectionDataset) -> dict[str, Any]:
@@ -161,21 +166,22 @@ class Runner:
         }
 
     def run_base(self, cell: Cell) -> dict[str, Any]:
-        model, path, train_seconds = self.baseline(cell)
+        model, path, meta = self.baseline(cell)
         _, val_set = self.datasets(cell.experiment)
         values = self._measure(model, cell, val_set)
         values |= {
             "achieved_params_pr": 0.0,
             "achieved_flops_pr": 0.0,
             "achieved_channels_pr": 0.0,
-            "train_seconds": train_seconds,
+            "train_seconds": meta.get("train_seconds"),
             "baseline_path": _relative(path),
             "model_path": _relative(path),
+            "report": json.dumps({"regime_stats": meta.get("regime_stats", {})}, sort_keys=True),
         }
         return self._row(cell, values)
 
     def run_pruned(self, cell: Cell) -> dict[str, Any]:
-        model, base_path, train_seconds = self.baseline(cell)
+        model, base_path, base_meta = self.baseline(cell)
         train_set, val_set = self.datasets(cell.experiment)
         method: Method = build_method(cell.method, **cell.method_options)
         ctx = PruneContext(
@@ -200,6 +206,7 @@ class Runner:
             desc=f"fine-tune {cell.label}",
             progress=self.progress,
         )
+        report.notes["method_stats"] = method.stats()  # after fine-tuning: its counters too
         path = save_checkpoint(
             model, self.work_dir / "models" / cell.suite / f"{cell.cell_id}.pt", {"cell": cell.label}
         )
@@ -210,7 +217,7 @@ class Runner:
             "achieved_params_pr": report.achieved["params"],
             "achieved_flops_pr": report.achieved["flops"],
             "achieved_channels_pr": report.achieved["channels"],
-            "train_seconds": train_seconds,
+            "train_seconds": base_meta.get("train_seconds"),
             "prune_seconds": report.seconds,
             "finetune_seconds": stats["seconds"],
             "baseline_path": _relative(base_path),

@@ -78,6 +78,7 @@ class Cell:
     measure: dict[str, Any]
     evaluate: dict[str, Any]
     method_options: dict[str, Any] = field(default_factory=dict)
+    regime_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def baseline_key(self) -> str:
@@ -89,8 +90,8 @@ class Cell:
                 "regime": self.regime,
                 "input_size": self.input_size,
                 "train": self.train.to_dict(),
-                # a regime other than plain trains with that method's loss and options
-                "regime_options": self.method_options if self.regime != "plain" else {},
+                # a regime other than plain trains with that method's loss and these options
+                "regime_options": self.regime_options,
             }
         )
 
@@ -151,28 +152,28 @@ class Suite:
                     measure=self.measure,
                     evaluate=self.evaluate,
                 )
-                regimes = {"plain"} | {
-                    build_method(m, **self.method_options.get(m, {})).regime for m in methods
-                }
+                built = {m: build_method(m, **self.method_options.get(m, {})) for m in methods}
+                regimes: dict[str, dict[str, Any]] = {"plain": {}}
+                for name, method in built.items():
+                    options = method.regime_options()
+                    if regimes.setdefault(method.regime, options) != options:
+                        raise SuiteError(
+                            f"{self.path}: '{name}' trains regime '{method.regime}' with options {options}, "
+                            f"another method with {regimes[method.regime]}: one baseline per regime"
+                        )
                 base += [
-                    Cell(
-                        method="base",
-                        target="",
-                        regime=r,
-                        method_options=self.method_options.get(r, {}) if r != "plain" else {},
-                        **common,
-                    )
-                    for r in sorted(regimes)
+                    Cell(method="base", target="", regime=r, regime_options=opts, **common)
+                    for r, opts in sorted(regimes.items())
                 ]
-                for method in methods:
-                    method_obj = build_method(method, **self.method_options.get(method, {}))
+                for name, method in built.items():
                     for target in targets:
                         pruned.append(
                             Cell(
-                                method=method,
+                                method=name,
                                 target=target,
-                                regime=method_obj.regime,
-                                method_options=self.method_options.get(method, {}),
+                                regime=method.regime,
+                                method_options=self.method_options.get(name, {}),
+                                regime_options=regimes[method.regime],
                                 **common,
                             )
                         )

@@ -226,3 +226,13 @@ def test_errors(convnet: ConvNet) -> None:
     ctx = PruneContext(round_to=1, max_layer_ratio=0.2, calibration=[(_images(), [{}] * 3)])
     with pytest.raises(MethodError, match="out of reach"):
         build_method("px").prune(convnet, ctx, Target.parse("params:0.9"))
+
+
+def test_round_zero_scores_are_shared_across_targets(convnet: ConvNet) -> None:
+    ctx = PruneContext(round_to=1, calibration=[(_images(), [{}] * 3)], score_cache={})
+    first, second = copy.deepcopy(convnet), copy.deepcopy(convnet)
+    a = build_method("px").prune(first, ctx, Target.parse("channels:0.25"))
+    b = build_method("px").prune(second, ctx, Target.parse("channels:0.25"))
+    assert not a.notes["scores_cached"] and b.notes["scores_cached"]
+    assert a.layers == b.layers and torch.equal(first.conv1.weight, second.conv1.weight)
+    assert a.achieved["channels"] == pytest.approx(0.25)  # one channel of the coupled pair
