@@ -394,9 +394,9 @@ class PX(Method):
             steps = self._steps(groups, original, ctx)
             cache: dict[int, float] = {0: achieved}
             # the estimated reduction along the steps guides the search for the round's prefix
-            infos = describe_groups(model, dependency_graph(model))
-            per_channel = channel_costs(infos, positions, fixed)[kind] / size0
-            saving = {info.root: float(per_channel[i]) for i, info in enumerate(infos)}
+            # (pruning narrows the layers in place: the first description's layers are today's)
+            per_channel = channel_costs(first, positions, fixed)[kind] / size0
+            saving = {info.root: float(per_channel[i]) for i, info in enumerate(first)}
             predicted, last = [achieved], {}
             for gi, removed in steps:
                 predicted.append(

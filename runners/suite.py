@@ -22,21 +22,10 @@ from methods import MethodError, Target, build_method
 from .train import Schedule
 
 SUITES_DIR = Path(__file__).parent / "suites"
-SUITE_KEYS = {
-    "name",
-    "description",
-    "seeds",
-    "methods",
-    "targets",
-    "input_size",
-    "train",
-    "finetune",
-    "prune",
-    "measure",
-    "evaluate",
-    "method_options",
-    "experiments",
-}
+SUITE_KEYS = set(
+    "name description seeds methods targets input_size jobs train finetune prune measure evaluate "
+    "method_options experiments".split()
+)
 PRUNE_DEFAULTS = {"round_to": 8, "max_layer_ratio": 0.9, "tolerance": 0.005, "calibration_images": 256}
 MEASURE_DEFAULTS = {"warmup": 3, "rounds": 20}
 EVALUATE_DEFAULTS = {"batch_size": 16}

@@ -206,7 +206,7 @@ def test_rounds_reach_the_budget(target: str) -> None:
     model = build_detector("fcos", 3, "tiny", 64).eval()
     reference = copy.deepcopy(model)
     t = Target.parse(target)
-    ctx = PruneContext(round_to=1, calibration=_synthetic(8, 64), progress=False)
+    ctx = PruneContext(round_to=1, calibration=_synthetic(4, 64), progress=False)
     report = build_method("px", rounds=3).prune(model, ctx, t)
     assert abs(report.achieved[t.kind] - t.rate) <= ctx.tolerance
     rounds = report.notes["achieved_per_round"]

@@ -1,0 +1,73 @@
+"""Suite files: the README's example parses, cells and their ids, regimes, errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from runners.suite import SuiteError, load_suite
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_example_suite_loads(tmp_path: Path) -> None:
+    example = re.search(r"```toml\n(.*?)```", README.read_text(), re.S).group(1)
+    path = tmp_path / "mysuite.toml"
+    path.write_text(example)
+    suite = load_suite(path)
+    assert suite.jobs == 2 and suite.prune["round_to"] == 8 and suite.method_options["dcodp"]["parent_only"]
+    methods = [c.method for c in suite.cells()]
+    assert methods == ["base", "l1", "l1", "random", "random"]
+
+
+def test_packaged_suites_load() -> None:
+    smoke = load_suite("smoke")
+    cells = smoke.cells()
+    assert len({c.cell_id for c in cells}) == len(cells)
+    bases = [c for c in cells if c.method == "base"]
+    assert {c.regime for c in bases} == {"plain", "ldt"}  # LDT's baseline trains with its loss
+    ldt = next(c for c in cells if c.method == "ldt")
+    plain = next(c for c in cells if c.method == "l1" and c.experiment == ldt.experiment)
+    assert ldt.baseline_key != plain.baseline_key
+    assert load_suite("ldt_ablation").cells()
+
+
+def test_cell_ids_change_with_what_shapes_them(tmp_path: Path) -> None:
+    text = 'methods = ["l1"]\ntargets = ["params:0.3"]\n[[experiments]]\ndetector = "fcos"\n'
+    text += 'dataset = "synthetic-coco"\n'
+    a, b = tmp_path / "a.toml", tmp_path / "b.toml"
+    a.write_text(text)
+    b.write_text(text.replace("[[experiments]]", "[finetune]\nepochs = 5\n[[experiments]]"))
+    ca, cb = load_suite(a).cells(), load_suite(b).cells()
+    assert ca[0].cell_id == cb[0].cell_id  # the base row does not depend on fine-tuning
+    assert ca[1].cell_id != cb[1].cell_id and ca[1].baseline_key == cb[1].baseline_key
+
+
+def test_one_baseline_per_regime(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(
+        'methods = ["ldt", "ldt:strong"]\n[method_options."ldt:strong"]\nalpha = 0.05\n'
+        '[[experiments]]\ndetector = "fcos"\ndataset = "synthetic-coco"\n'
+    )
+    with pytest.raises(SuiteError, match="one baseline per regime"):
+        load_suite(path).cells()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('bogus = 1\n[[experiments]]\ndetector = "fcos"\ndataset = "synthetic-coco"\n', "unknown key"),
+        ('[train]\nepochs = 1\nspeed = 2\n[[experiments]]\ndetector = "fcos"\ndataset = "coco"\n', "speed"),
+        ('[[experiments]]\ndetector = "yolo"\ndataset = "synthetic-coco"\n', "unknown detector 'yolo'"),
+        ('[[experiments]]\ndetector = "fcos"\ndataset = "voc"\n', "unknown dataset 'voc'"),
+        ('[[experiments]]\ndetector = "fcos"\n', "names no dataset"),
+        ('methods = ["l1"]\n', "no [[experiments]]"),
+    ],
+)
+def test_bad_suites_are_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(SuiteError, match=re.escape(message)):
+        load_suite(path)
