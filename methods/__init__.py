@@ -1,6 +1,6 @@
 """Pruning methods behind one interface; importing the package registers every method."""
 
-from . import chip, dcodp, hrank, l1, ldt, random  # noqa: F401  (registers the methods)
+from . import chip, dcodp, groupfisher, hrank, l1, ldt, px, random  # noqa: F401  (registers the methods)
 from .base import (
     Method,
     MethodError,

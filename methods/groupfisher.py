@@ -18,9 +18,10 @@ How the harness realises it:
 * The mask is implicit: a forward pre-hook on each consumer layer hands the layer a fresh view of
   its input and puts a *tensor* hook on that view, so the gradient seen is the one flowing back
   through this layer (and this call: FCOS runs its head convolutions once per pyramid level, the
-  calls add up as they would for one shared mask). No module backward hooks. An in-place change
-  of a consumer's input after the layer ran would already make autograd fail, so the saved
-  activation is always the one the gradient belongs to.
+  calls add up as they would for one shared mask). No module backward hooks. The saved activation
+  is a view of the input: an in-place change of it after the layer ran would already make
+  autograd fail (the layer saved it for its weight gradient), so it is the one the gradient
+  belongs to.
 * Channels are removed for real (torch-pruning, one dependency graph kept for the whole run), so
   "the current pruned state" is the model itself; the SGD optimizer is rebuilt after each removal
   (its momentum restarts, which the mask-based original does not need).
@@ -28,8 +29,17 @@ How the harness realises it:
   first unit of a group brings it down to a multiple of ``round_to``), ranked by the mean
   normalised score of its channels (Fisher's loss estimate and the cost are both additive); no
   group goes below ``1 - max_layer_ratio`` of its *original* width; every candidate step is
-  first applied to a copy, and the last one is cut short (bisection over its units) so the
-  achieved reduction lands within ``ctx.tolerance`` of the target.
+  first applied to a copy, near the end a unit that alone would overshoot is passed over for a
+  smaller one, and the last step is cut short (a search over its units, on copies) so the
+  achieved reduction lands within ``ctx.tolerance`` of the target and never beyond it.
+* Costs (``channel_costs``) follow fvcore's counting at the model's input size: a channel's
+  GMACs are its producers' output channel plus its consumers' input channel (batch norm 2 per
+  element); its activation memory is the producing convolutions' output elements, as in the
+  official code.
+* Training between removals: ``model.loss`` on shuffled ``ctx.train_set`` batches of
+  ``ctx.batch_size`` (the calibration batches when there is no training set), SGD with ``lr``,
+  ``momentum``, ``weight_decay`` and gradient clipping as in ``runners.train``; train mode in the
+  loop, eval mode for graphs, probes and at the end.
 """
 
 from __future__ import annotations
@@ -399,7 +409,6 @@ class FisherCollector:
         self.scores = [torch.zeros(g.size, dtype=torch.float64) for g in self.groups]
         self._g: dict[tuple[str, int], Tensor] = {}
         self._handles: list[Any] = []
-        self.samples = 0
 
     def __enter__(self) -> FisherCollector:
         layers = {name: module for g in self.groups for name, module, _, _ in g.consumers}
@@ -444,8 +453,6 @@ class FisherCollector:
                         batches.setdefault(n, []).append((value, idxs, root_idxs))
             for contributions in batches.values():
                 self.scores[gi] += group_fisher(contributions, g.size).cpu()
-        if self._g:
-            self.samples += max(n for _, n in self._g)
         self._g.clear()
 
 

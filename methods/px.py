@@ -38,14 +38,26 @@ What the copies do with the other layers, so that both stay sums over input-to-o
   made non-inplace so a hook sees the pre-activation. Activations written as functions
   (``F.relu`` in torchvision's ``LastLevelP6P7``) are not modules and are not gated: in both copies
   every value is non-negative, so they act as the identity there (an always-open gate in (b)).
-* Everything runs in float64: with unit weights, z1 grows like (fan-in)^depth.
+* Everything runs in float64: with unit weights, z1 grows like (fan-in)^depth (about 1e53 on tiny
+  FCOS at 128 px, past float32's range).
+* ``x`` is the detector's preprocessed input (``model.preprocess``: resized, normalised).
+
+Against the official code (iurada/px-ntk-pruning): it squares every state entry of the
+path-kernel copy, running statistics and biases included, and accumulates ``(dR_b/dθ²)²`` per
+batch; here batch norm enters as its effective scale, biases start no path, and R is summed over
+all calibration images before one gradient, as DESIGN.md states it.
 
 Structured adaptation (ours, per the LDT paper's comparison): a filter's score is the sum of S
 over its weights plus its batch-norm γ, summed over the dependency group's output-pruned layers
-(the filters removed together); global ranking; ``rounds`` rounds, each rescoring the pruned
-network and removing an equal share of the remaining budget, the last one landing within
-``ctx.tolerance``. ``round_to`` and ``max_layer_ratio`` (against the *original* widths) as for
-every method.
+(the filters removed together). Both terms measure the same flow through the channel (every path
+through it crosses one weight of the filter and γ), so this is twice that flow; the consumers'
+input slices would count it once more and are left out, as the design says. Global ranking;
+``rounds`` rounds, each rescoring the pruned network and removing an equal share of the
+remaining budget (a search over the shared removal steps, on copies), the last one landing
+within ``ctx.tolerance`` (when coarse ``round_to`` steps make every prefix miss, later steps
+that still fit are added one by one). ``round_to`` and ``max_layer_ratio`` (against the
+*original* widths) as for every method. Round 0 scores the unpruned model, so its scores go to
+``ctx.score_cache`` and are shared by the targets of one baseline.
 """
 
 from __future__ import annotations
@@ -425,12 +437,18 @@ class PX(Method):
                     key=lambda p: abs(cache[p] - goal),
                 )
             probes += len(cache) - 1
-            if r == rounds - 1 and abs(reduction(best) - target.rate) > tol:
-                raise MethodError(
-                    f"{target}: the closest achievable reduction is {reduction(best):.2%}; lower round_to"
+            counts, achieved = _counts(steps, best), reduction(best)  # measured on a copy
+            if r == rounds - 1 and abs(achieved - target.rate) > tol:
+                below = max(p for p, v in cache.items() if v < target.rate)
+                counts, achieved, used = self._fill(
+                    model, groups, steps, below, cache[below], saving, target, tol, size0
                 )
-            apply_removal(model, groups, _counts(steps, best))
-            achieved = reduction(best)  # the same removal, measured on a copy
+                probes += used
+                if abs(achieved - target.rate) > tol:
+                    raise MethodError(
+                        f"{target}: the closest achievable reduction is {achieved:.2%}; lower round_to"
+                    )
+            apply_removal(model, groups, counts)
             history.append(round(achieved, 6))
         model.eval()
         report = build_report(model, before, target, report_groups)
@@ -445,6 +463,43 @@ class PX(Method):
             "scores_cached": cached,
         }
         return report
+
+    @staticmethod
+    def _fill(
+        model: Detector,
+        groups: list[GroupScores],
+        steps: list[tuple[int, int]],
+        start: int,
+        value: float,
+        saving: dict[str, float],
+        target: Target,
+        tol: float,
+        size0: float,
+        max_probes: int = 40,
+    ) -> tuple[dict[int, int], float, int]:
+        """When no prefix of the last round lands within ``tol`` (coarse ``round_to`` steps), go on
+        from the prefix just below the target with the later steps that still fit, in order; a
+        group whose next step overshoots adds nothing more."""
+        counts, blocked, probes = _counts(steps, start), set(), 0
+        for gi, removed in steps[start:]:
+            if abs(value - target.rate) <= tol or probes >= max_probes:
+                break
+            if gi in blocked or removed <= counts.get(gi, 0):
+                continue
+            estimate = (removed - counts.get(gi, 0)) * saving.get(groups[gi].root, 0.0)
+            if value + estimate > target.rate + tol:
+                blocked.add(gi)
+                continue
+            trial = {**counts, gi: removed}
+            probe = copy.deepcopy(model)
+            apply_removal(probe, groups, trial)
+            reached = 1.0 - measure(probe, target.kind) / size0
+            probes += 1
+            if reached > target.rate + tol:
+                blocked.add(gi)
+                continue
+            counts, value = trial, reached
+        return counts, value, probes
 
     @staticmethod
     def _steps(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -17,8 +16,6 @@ from results import ResultStore, render_table, write_reports
 from .cells import Runner, calibration_batches
 from .suite import SuiteError, load_suite, suite_names
 from .train import Schedule, train
-
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 
 USER_ERRORS = (DatasetError, DetectorError, MethodError, SuiteError, FileNotFoundError)
 

@@ -220,12 +220,12 @@ def _synthetic(n: int, size: int) -> list:
     return samples
 
 
-@pytest.mark.parametrize("target", ["params:0.3", "flops:0.3"])
-def test_loop_stops_at_the_budget(target: str) -> None:
+@pytest.mark.parametrize(("target", "round_to"), [("params:0.3", 1), ("flops:0.3", 1), ("params:0.3", 8)])
+def test_loop_stops_at_the_budget(target: str, round_to: int) -> None:
     torch.manual_seed(0)
     model = build_detector("fcos", 3, "tiny", 64).eval()
     reference = copy.deepcopy(model)
-    ctx = PruneContext(round_to=1, train_set=_synthetic(4, 64), batch_size=2, progress=False)
+    ctx = PruneContext(round_to=round_to, train_set=_synthetic(4, 64), batch_size=2, progress=False)
     method = build_method("groupfisher", d=2, channels_per_step=160)
     t = Target.parse(target)
     report = method.prune(model, ctx, t)
@@ -233,6 +233,7 @@ def test_loop_stops_at_the_budget(target: str) -> None:
     assert report.method == "groupfisher" and report.notes["iterations"] == 2 * report.notes["steps"]
     assert report.params_after == count_params(model) < report.params_before
     assert report.layers and all(after < before for before, after in report.layers.values())
+    assert all(after % round_to == 0 for _, after in report.layers.values())
     assert "backbone.body.stem.0" in report.groups
     assert not model.training
     out, ref = model.core(model.example_input()), reference.core(reference.example_input())

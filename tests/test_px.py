@@ -200,13 +200,13 @@ def _synthetic(n: int, size: int) -> list:
     return [(images[i : i + 4], targets[i : i + 4]) for i in range(0, n, 4)]
 
 
-@pytest.mark.parametrize("target", ["params:0.3", "flops:0.2"])
-def test_rounds_reach_the_budget(target: str) -> None:
+@pytest.mark.parametrize(("target", "round_to"), [("params:0.3", 1), ("flops:0.2", 1), ("params:0.3", 8)])
+def test_rounds_reach_the_budget(target: str, round_to: int) -> None:
     torch.manual_seed(0)
     model = build_detector("fcos", 3, "tiny", 64).eval()
     reference = copy.deepcopy(model)
     t = Target.parse(target)
-    ctx = PruneContext(round_to=1, calibration=_synthetic(4, 64), progress=False)
+    ctx = PruneContext(round_to=round_to, calibration=_synthetic(4, 64), progress=False)
     report = build_method("px", rounds=3).prune(model, ctx, t)
     assert abs(report.achieved[t.kind] - t.rate) <= ctx.tolerance
     rounds = report.notes["achieved_per_round"]
@@ -214,6 +214,7 @@ def test_rounds_reach_the_budget(target: str) -> None:
     assert abs(rounds[0] - t.rate / 3) <= 0.02  # an equal share per round
     assert report.method == "px" and report.params_after == count_params(model)
     assert report.layers and not model.training
+    assert all(after % round_to == 0 for _, after in report.layers.values())
     out, ref = model.core(model.example_input()), reference.core(reference.example_input())
     assert [o.shape for o in out] == [o.shape for o in ref]
 
