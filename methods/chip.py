@@ -2,7 +2,8 @@
 
 ``CI_c = mean_n ( ||A_n||_* - ||M_c ⊙ A_n||_* )`` with ``A_n`` the ``C x HW`` flattened maps of
 image n and ``M_c`` zeroing row c. A channel the others can express loses little nuclear norm
-when removed: low CI, pruned first. Local scope, HRank's hook points.
+when removed: low CI, pruned first. Local scope, HRank's hook points; like HRank a single-layer
+criterion, so a dependency group is scored by its root layer (DCODP sums the coupled layers).
 
 Fast and exact: ``||A||_* = Σ sqrt(eig(A Aᵀ))`` and zeroing row c of A deletes row and column c
 of the Gram matrix ``G = A Aᵀ``, so one ``C x C`` Gram matrix per image and one batched
@@ -73,4 +74,5 @@ class CHIP(Method):
         self.layer_scores = capture(model, ctx.calibration, nuclear_norm_drops, progress=ctx.progress)
 
     def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
-        return LayerScoreImportance(model, self.layer_scores)
+        # a single-layer criterion: the group is scored by the layer whose filters it prunes
+        return LayerScoreImportance(model, self.layer_scores, root_only=True)

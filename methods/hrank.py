@@ -1,7 +1,9 @@
 """HRank (Lin et al., CVPR 2020): a filter whose feature maps have low rank carries little.
 
 ``score_c = mean_n rank(F_n[c])`` over post-activation maps of calibration images in eval mode;
-local scope (the same share removed from every layer). Known weakness, shown not hidden: after
+local scope (the same share removed from every layer). HRank scores one layer at a time, so a
+dependency group is scored by its root layer's maps alone; summing over coupled layers is
+DCODP's contribution, not HRank's. Known weakness, shown not hidden: after
 SiLU or LeakyReLU almost every map is full rank, so scores tie.
 """
 
@@ -35,4 +37,5 @@ class HRank(Method):
         self.layer_scores = capture(model, ctx.calibration, hrank_ranks, progress=ctx.progress)
 
     def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
-        return LayerScoreImportance(model, self.layer_scores)
+        # a single-layer criterion: the group is scored by the layer whose filters it prunes
+        return LayerScoreImportance(model, self.layer_scores, root_only=True)

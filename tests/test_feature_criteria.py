@@ -139,3 +139,20 @@ def test_dcodp_groups_and_parent_only_ablation() -> None:
     torch.testing.assert_close(
         single.sorted_scores, scored[True]["backbone.body.layer1.0.conv1"].sorted_scores
     )
+
+
+def test_single_layer_criteria_score_the_root_and_dcodp_sums_the_group() -> None:
+    torch.manual_seed(0)
+    model = build_detector("fcos", 3, "tiny", 64).eval()
+    ctx = PruneContext(calibration=_calibration(n=2), round_to=1, progress=False)
+    scores = {}
+    for name in ("chip", "dcodp"):
+        method = build_method(name)
+        method.prepare(model, ctx)
+        scores[name] = {g.root: g for g in score_groups(model, method.importance(model, ctx))}
+    root = "backbone.body.stem.0"  # its group also holds the residual convs of layer1
+    chip_stem = torch.zeros(len(scores["chip"][root].order), dtype=torch.float64)
+    chip_stem[scores["chip"][root].order] = scores["chip"][root].sorted_scores
+    dcodp_stem = torch.zeros_like(chip_stem)
+    dcodp_stem[scores["dcodp"][root].order] = scores["dcodp"][root].sorted_scores
+    assert (dcodp_stem > chip_stem).all()  # the coupled layers' CP adds to the parent's
