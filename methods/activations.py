@@ -31,6 +31,18 @@ def prunable_convs(model: Detector) -> dict[str, nn.Conv2d]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and id(m) not in fixed}
 
 
+def run_core_once(model: Detector, handles: list) -> None:
+    """One eval-mode ``core`` pass on the example input, then the hooks go and the mode returns."""
+    was_training = model.training
+    model.eval()
+    try:
+        model.core(model.example_input())
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 @torch.no_grad()
 def observation_points(model: Detector) -> dict[str, tuple[nn.Module, nn.Module | None]]:
     """For each prunable conv: the module whose output to hook, and the activation to apply."""
@@ -52,14 +64,7 @@ def observation_points(model: Detector) -> dict[str, tuple[nn.Module, nn.Module 
             handles.append(m.register_forward_hook(record_output))
         elif isinstance(m, ACTIVATIONS):
             handles.append(m.register_forward_pre_hook(record_input))
-    was_training = model.training
-    model.eval()
-    try:
-        model.core(model.example_input())
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    run_core_once(model, handles)
 
     def consumer_of(output: Tensor, version: int, kinds: tuple[type, ...]) -> nn.Module | None:
         for module, inp, inp_version, _, _ in calls:

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 
 from detectors.base import Detector, layer_widths
 
+from .activations import run_core_once
 from .base import Method, MethodError, PruneContext, PruneReport, Target, register
 from .budget import ROOT_TYPES, count_channels, count_gmacs, count_params, dependency_graph, prunable_groups
 
@@ -275,14 +276,7 @@ def output_positions(model: Detector) -> dict[str, int]:
     for name, module in model.named_modules():
         if isinstance(module, (*ROOT_TYPES, *_NORMS)):
             handles.append(module.register_forward_hook(hook(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        model.core(model.example_input())
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    run_core_once(model, handles)
     return positions
 
 
