@@ -16,7 +16,7 @@ import os
 import sqlite3
 from collections.abc import Mapping
 from contextlib import closing
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +176,7 @@ class ResultStore:
             raise ValueError(f"result row lacks required columns {missing}")
         values = {name: _coerce(name, row.get(name)) for name in COLUMN_NAMES}
         if values["created_at"] is None:
-            values["created_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            values["created_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         verb = "INSERT OR REPLACE" if replace else "INSERT"
         sql = f"{verb} INTO {TABLE} ({_NAMES_SQL}) VALUES ({_SLOTS_SQL})"
         try:

@@ -161,7 +161,7 @@ class Runner:
             "device": env["device"],
             "config": json.dumps(cell.config(), sort_keys=True),
             "env": json.dumps(env, sort_keys=True),
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             **values,
         }
 

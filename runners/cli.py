@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tomllib
 from pathlib import Path
 
 import torch
@@ -61,9 +62,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_options(pairs: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` pairs; values are read as TOML literals (``32``, ``true``, ``"flops"``), else as text."""
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MethodError(f"bad --option '{pair}': expected KEY=VALUE")
+        try:
+            options[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key] = value
+    return options
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     target = Target.parse(args.target)
-    method = build_method(args.method)
+    method = build_method(args.method, **parse_options(args.option))
     train_set = build_dataset(args.data, "train", root=args.data_root)
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
@@ -146,6 +161,9 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", required=True, help=f"calibration dataset: one of {', '.join(DATASETS)}")
     pr.add_argument("--data-root", default=None)
     pr.add_argument("--out", required=True)
+    pr.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE", help="a method option; repeatable"
+    )
     pr.add_argument("--detector", default=None, help="needed for a plain state_dict checkpoint")
     pr.add_argument("--size", default="tiny")
     pr.add_argument("--input-size", type=int, default=128)

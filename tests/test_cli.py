@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from detectors import build_detector, load_checkpoint, save_checkpoint
-from runners.cli import main
+from runners.cli import main, parse_options
 
 
 def _error(capsys, argv: list[str]) -> str:
@@ -43,6 +43,16 @@ def test_run_errors(capsys, tmp_path: Path) -> None:
     assert "not valid TOML" in _error(capsys, ["run", str(bad)])
 
 
+def test_option_values_are_toml_literals() -> None:
+    assert parse_options(["d=10", "normalize=memory", "parent_only=true", "lr=0.5", 'name="x"']) == {
+        "d": 10,
+        "normalize": "memory",
+        "parent_only": True,
+        "lr": 0.5,
+        "name": "x",
+    }
+
+
 def test_report_without_results(capsys, tmp_path: Path) -> None:
     assert "run it first" in _error(capsys, ["report", "smoke", "--results-dir", str(tmp_path)])
 
@@ -75,6 +85,12 @@ def test_prune_errors_and_success(capsys, tmp_path: Path, monkeypatch) -> None:
     assert "checkpoint not found" in _error(capsys, [*missing, "--method", "l1", "--target", "params:0.3"])
     assert "unknown dataset" in _error(
         capsys, [*common[:4], "nodata", *common[5:], "--method", "l1", "--target", "params:0.3"]
+    )
+    assert "no option(s) bogus" in _error(
+        capsys, [*common, "--method", "l1", "--target", "params:0.3", "--option", "bogus=1"]
+    )
+    assert "expected KEY=VALUE" in _error(
+        capsys, [*common, "--method", "l1", "--target", "params:0.3", "--option", "novalue"]
     )
     ok = [*common, "--method", "l1", "--target", "params:0.4", "--round-to", "1", "--calibration-images", "4"]
     assert main(ok) == 0

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import copy
 import math
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import torch
 from torch import Tensor
 
