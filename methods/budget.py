@@ -160,7 +160,8 @@ def _counts(steps: list[tuple[int, int]], prefix: int) -> dict[int, int]:
     return counts
 
 
-def _size(model: Detector, kind: str) -> float:
+def measure_size(model: Detector, kind: str) -> float:
+    """The model's size in a target's unit: parameters, GMACs or prunable output channels."""
     if kind == "params":
         return float(count_params(model))
     if kind == "flops":
@@ -199,14 +200,14 @@ def prune_to_budget(
 ) -> PruneReport:
     """Bisect the number of steps until the achieved reduction is closest to the target."""
     steps = removal_steps(groups, scope, ctx.round_to, ctx.max_layer_ratio)
-    before = _size(model, target.kind)
+    before = measure_size(model, target.kind)
     cache: dict[int, float] = {}
 
     def reduction(prefix: int) -> float:
         if prefix not in cache:
             probe = copy.deepcopy(model)
             apply_removal(probe, groups, _counts(steps, prefix))
-            cache[prefix] = 1.0 - _size(probe, target.kind) / before
+            cache[prefix] = 1.0 - measure_size(probe, target.kind) / before
         return cache[prefix]
 
     cache[0] = 0.0

@@ -61,7 +61,15 @@ from detectors.base import Detector, layer_widths
 
 from .activations import run_core_once
 from .base import Method, MethodError, PruneContext, PruneReport, Target, register
-from .budget import ROOT_TYPES, count_channels, count_gmacs, count_params, dependency_graph, prunable_groups
+from .budget import (
+    ROOT_TYPES,
+    count_channels,
+    count_gmacs,
+    count_params,
+    dependency_graph,
+    measure_size,
+    prunable_groups,
+)
 
 NORMALIZERS = ("flops", "memory")
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
@@ -313,14 +321,6 @@ def channel_costs(
     return out
 
 
-def measure(model: Detector, kind: str) -> float:
-    if kind == "params":
-        return float(count_params(model))
-    if kind == "flops":
-        return count_gmacs(model)
-    return float(count_channels(model))
-
-
 def prune_plan(model: Detector, graph: tp.DependencyGraph, plan: dict[str, list[int]]) -> None:
     """Remove channels ``plan[root]`` (indices in the root's current output) of each group."""
     modules = dict(model.named_modules())
@@ -337,7 +337,7 @@ def probe_plan(model: Detector, plan: dict[str, list[int]], kind: str) -> float:
     probe = copy.deepcopy(model)
     probe.eval()
     prune_plan(probe, dependency_graph(probe), plan)
-    return measure(probe, kind)
+    return measure_size(probe, kind)
 
 
 @dataclass

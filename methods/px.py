@@ -77,14 +77,13 @@ from torch import Tensor, nn
 from detectors.base import Detector
 
 from .base import Method, MethodError, PruneContext, PruneReport, Target, register
-from .budget import GroupScores, apply_removal, dependency_graph, removal_steps, score_groups
+from .budget import GroupScores, apply_removal, dependency_graph, measure_size, removal_steps, score_groups
 from .groupfisher import (
     Snapshot,
     build_report,
     channel_costs,
     describe_groups,
     first_reaching,
-    measure,
     output_positions,
 )
 
@@ -420,7 +419,7 @@ class PX(Method):
                 if prefix not in cache:
                     probe = copy.deepcopy(model)
                     apply_removal(probe, groups, _counts(steps, prefix))
-                    cache[prefix] = 1.0 - measure(probe, kind) / size0
+                    cache[prefix] = 1.0 - measure_size(probe, kind) / size0
                 return cache[prefix]
 
             if not steps or reduction(len(steps)) < target.rate - tol:
@@ -493,7 +492,7 @@ class PX(Method):
             trial = {**counts, gi: removed}
             probe = copy.deepcopy(model)
             apply_removal(probe, groups, trial)
-            reached = 1.0 - measure(probe, target.kind) / size0
+            reached = 1.0 - measure_size(probe, target.kind) / size0
             probes += 1
             if reached > target.rate + tol:
                 blocked.add(gi)
