@@ -1,4 +1,4 @@
-"""ResNet-18 + FPN with a width multiplier, built from torchvision's blocks (no downloads).
+"""ResNet-18 (with a width multiplier) or ResNet-50, + FPN, built from torchvision's blocks (no downloads).
 
 torchvision's ``resnet18`` fixes its widths at 64..512; a tiny detector that trains on a CPU in
 minutes needs the same topology at a fraction of the width, so the stages are assembled here
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from torch import Tensor, nn
-from torchvision.models.resnet import BasicBlock
+from torchvision.models.resnet import BasicBlock, resnet50
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 
 
@@ -54,14 +54,39 @@ class ResNet18(nn.Module):
         return [c3, c4, c5]
 
 
+class ResNet50(nn.Module):
+    """ResNet-50 (He et al. 2016) returning C3, C4, C5: torchvision's, with trainable BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        net = resnet50(weights=None, norm_layer=nn.BatchNorm2d)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.out_channels_list = [512, 1024, 2048]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        c3 = self.layer2(self.layer1(self.stem(x)))
+        c4 = self.layer3(c3)
+        return [c3, c4, self.layer4(c4)]
+
+
+def resnet_body(depth: int, width: float = 1.0) -> nn.Module:
+    """The backbone body by depth: 18 (width-scalable, for the CPU sizes) or 50 (the papers')."""
+    if depth == 18:
+        return ResNet18(width)
+    if depth == 50 and width == 1.0:
+        return ResNet50()
+    raise ValueError(f"no ResNet-{depth} at width {width}")
+
+
 class ResNetFPN(nn.Module):
     """Backbone + FPN with P6/P7 (the RetinaNet/FCOS neck): five levels, strides 8..128."""
 
     strides = (8, 16, 32, 64, 128)
 
-    def __init__(self, width: float = 1.0, fpn_channels: int = 256) -> None:
+    def __init__(self, width: float = 1.0, fpn_channels: int = 256, depth: int = 18) -> None:
         super().__init__()
-        self.body = ResNet18(width)
+        self.body = resnet_body(depth, width)
         self.fpn = FeaturePyramidNetwork(
             self.body.out_channels_list,
             fpn_channels,

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 _REGISTRY: dict[str, Callable[..., Detector]] = {}
 
@@ -51,12 +52,34 @@ class Detector(nn.Module):
         """Layers whose output channels are fixed by the task (class/box predictors)."""
         return []
 
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the trainer before each epoch: for losses that switch on late (YOLOX's L1)."""
+
     def example_input(self, batch: int = 1) -> Tensor:
         """A fixed-size input for tracing, FLOPs and latency, on the model's device."""
         device = next(self.parameters()).device
         generator = torch.Generator().manual_seed(0)
         x = torch.rand(batch, 3, self.input_size, self.input_size, generator=generator)
         return x.to(device)
+
+
+def letterbox(images: list[Tensor], size: int, pad: float = 0.0) -> tuple[Tensor, list[float]]:
+    """Resize each image by ``min(size / H, size / W)`` and pad it, top-left, to ``size x size``.
+
+    The pure-PyTorch detectors (YOLOX, YOLOF, ...) preprocess this way: a box scales by the
+    returned factor, which is the mapping LDT assumes (``methods.ldt.map_instances``).
+    """
+    batch = images[0].new_full((len(images), 3, size, size), pad)
+    scales = []
+    for i, image in enumerate(images):
+        h, w = image.shape[-2:]
+        scale = min(size / h, size / w)
+        nh, nw = min(size, round(h * scale)), min(size, round(w * scale))
+        if (nh, nw) != (h, w):
+            image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+        batch[i, :, :nh, :nw] = image
+        scales.append(scale)
+    return batch, scales
 
 
 def register(name: str) -> Callable[[Callable[..., Detector]], Callable[..., Detector]]:

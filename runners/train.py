@@ -106,7 +106,8 @@ def train(
     model.train()
     start, mean_loss = time.perf_counter(), float("nan")
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for _ in range(schedule.epochs):
+    for epoch in range(schedule.epochs):
+        model.set_epoch(epoch, schedule.epochs)
         running, steps = 0.0, 0
         for images, targets in loader:
             images = [im.to(device) for im in images]

@@ -1,0 +1,68 @@
+"""Every registered detector prunes with every registered method, then still predicts and trains.
+
+One cell of the matrix: tiny detector, 64x64 input, ``params:0.3`` with ``round_to = 1``; the
+pruned model must meet the budget, keep its predictor widths, run ``predict`` and take one
+optimiser step whose loss is finite.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detectors import build_detector, detector_names
+from methods import PruneContext, Target, build_method, method_names
+from methods.budget import count_params
+
+SIZE = 64
+# the fast end of each method's knobs: the matrix checks wiring, the method tests check the math
+FAST_OPTIONS = {"groupfisher": {"d": 1, "channels_per_step": 64}, "px": {"rounds": 1}}
+
+
+def _samples(n: int) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(n):
+        x, y = torch.randint(0, SIZE // 2, (2,), generator=g).tolist()
+        boxes = torch.tensor([[x, y, x + 20.0, y + 16.0], [4.0, 30.0, 30.0, 60.0]])
+        target = {"boxes": boxes, "labels": torch.tensor([i % 3, (i + 1) % 3]), "image_id": i}
+        samples.append((torch.rand(3, SIZE, SIZE, generator=g), target))
+    return samples
+
+
+@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("detector", detector_names())
+def test_detector_prunes_predicts_and_trains(detector: str, method: str) -> None:
+    torch.manual_seed(0)
+    model = build_detector(detector, 3, "tiny", SIZE).eval()
+    samples = _samples(8)
+    ctx = PruneContext(
+        calibration=[([s[0] for s in samples[i : i + 4]], [s[1] for s in samples[i : i + 4]]) for i in (0, 4)],
+        round_to=1,
+        progress=False,
+        train_set=samples,
+        batch_size=4,
+    )
+    fixed = {id(m): (m.out_channels) for m in model.prune_ignored()}
+    before = count_params(model)
+    pruner = build_method(method, **FAST_OPTIONS.get(method, {}))
+    report = pruner.prune(model, ctx, Target.parse("params:0.3"))
+
+    assert abs(report.achieved["params"] - 0.3) <= ctx.tolerance
+    assert count_params(model) == report.params_after < before
+    assert {id(m): m.out_channels for m in model.prune_ignored()} == fixed
+
+    images = [s[0] for s in samples[:2]]
+    predictions = model.predict(images)
+    assert len(predictions) == 2 and all(set(p) >= {"boxes", "scores", "labels"} for p in predictions)
+
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    losses = model.loss(images, [s[1] for s in samples[:2]])
+    loss = sum(losses.values())
+    extra = pruner.train_loss(model, ctx, (images, [s[1] for s in samples[:2]]), losses)
+    loss = loss + extra if extra is not None else loss
+    assert torch.isfinite(loss)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
