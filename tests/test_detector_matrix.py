@@ -36,8 +36,9 @@ def test_detector_prunes_predicts_and_trains(detector: str, method: str) -> None
     torch.manual_seed(0)
     model = build_detector(detector, 3, "tiny", SIZE).eval()
     samples = _samples(8)
+    batches = [samples[:4], samples[4:]]
     ctx = PruneContext(
-        calibration=[([s[0] for s in samples[i : i + 4]], [s[1] for s in samples[i : i + 4]]) for i in (0, 4)],
+        calibration=[([s[0] for s in b], [s[1] for s in b]) for b in batches],
         round_to=1,
         progress=False,
         train_set=samples,
