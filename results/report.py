@@ -7,6 +7,7 @@ CSV files and the committed tables only change when a result does.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -150,7 +151,21 @@ def _header_lines(df: pd.DataFrame, suite: str, dataset: str, metric: str) -> li
         "reduction. GMACs by fvcore on core() (NMS excluded); GFLOPs = 2 × GMACs. "
         "Latency: median and p90 in ms.",
         "",
+        *_core_conditions(df),
     ]
+
+
+def _core_conditions(df: pd.DataFrame) -> list[str]:
+    """What a detector's core() fixes for FLOPs and latency (Faster R-CNN's proposals), per detector."""
+    stated: dict[str, str] = {}
+    for detector, env in zip(df["detector"], df["env"], strict=True):
+        try:
+            conditions = json.loads(env).get("core_conditions") or {}
+        except (TypeError, ValueError, AttributeError):
+            continue
+        if conditions:
+            stated[detector] = ", ".join(f"{k} = {v}" for k, v in sorted(conditions.items()))
+    return [f"{d}: core() is measured with {c}.\n" for d, c in sorted(stated.items())]
 
 
 def _safe(name: str) -> str:

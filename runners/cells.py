@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import multiprocessing as mp
 import os
+import re
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from datasets import build_dataset
-from datasets.base import DetectionDataset
+from datasets.base import DatasetError, DetectionDataset
 from detectors import Detector, build_detector, load_checkpoint, save_checkpoint
 from methods import Method, PruneContext, Target, build_method
 from results import DuplicateCellError, ResultStore
@@ -43,6 +44,20 @@ def calibration_batches(dataset: DetectionDataset, images: int, batch_size: int 
         ([s[0] for s in samples[i : i + batch_size]], [s[1] for s in samples[i : i + batch_size]])
         for i in range(0, count, batch_size)
     ]
+
+
+def data_root(dataset: str, root: str | None) -> Path | None:
+    """A suite's data root, with ``$VARS`` expanded; an unset variable is named in the error."""
+    if root is None:
+        return None
+    expanded = os.path.expandvars(str(root))
+    unset = re.search(r"\$\{?(\w+)", expanded)
+    if unset:
+        raise DatasetError(
+            f"{dataset}: data root '{root}' needs the environment variable {unset.group(1)}: "
+            f"set it to the {dataset} data folder"
+        )
+    return Path(expanded).expanduser()
 
 
 def _relative(path: Path) -> str:
@@ -78,7 +93,7 @@ class Runner:
         key = json.dumps([experiment.dataset, experiment.data], sort_keys=True)
         if key not in self._datasets:
             options = dict(experiment.data)
-            root = options.pop("root", None)
+            root = data_root(experiment.dataset, options.pop("root", None))
             if experiment.dataset.startswith("synthetic") and root is None:
                 root = self.work_dir / "data"
             self._datasets[key] = (
@@ -89,8 +104,8 @@ class Runner:
 
     def check_inputs(self) -> None:
         """Open every dataset before any training, so a missing path fails at once."""
-        for experiment, _, _ in self.suite.experiments:
-            self.datasets(experiment)
+        for plan in self.suite.experiments:
+            self.datasets(plan.experiment)
 
     def _build(self, cell: Cell, num_classes: int) -> Detector:
         torch.manual_seed(cell.seed)
@@ -136,10 +151,13 @@ class Runner:
         eval_seconds = time.perf_counter() - start
         image = val_set[0][0]
         timing = measure.latency(model, image, cell.measure["warmup"], cell.measure["rounds"])
-        return {**metrics, **measure.size(model), **timing, "eval_seconds": eval_seconds}
+        values = {**metrics, **measure.size(model), **timing, "eval_seconds": eval_seconds}
+        return values | {"core_conditions": dict(model.core_conditions)}
 
     def _row(self, cell: Cell, values: dict[str, Any]) -> dict[str, Any]:
+        values = dict(values)
         env = measure.environment(self.device) | {"jobs": self.jobs}
+        env["core_conditions"] = values.pop("core_conditions", {})
         target = Target.parse(cell.target) if cell.target else None
         _, val_set = self.datasets(cell.experiment)
         return {
@@ -271,6 +289,7 @@ class Runner:
                 str(self.work_dir),
                 str(self.device),
                 jobs,
+                self.suite.overrides,
             )
             with ProcessPoolExecutor(
                 jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(spec, threads)
@@ -289,11 +308,12 @@ class Runner:
 _WORKER: Runner | None = None
 
 
-def _init_worker(spec: tuple[str, str, str, str, int], threads: int) -> None:
+def _init_worker(spec: tuple[str, str, str, str, int, dict[str, Any]], threads: int) -> None:
     global _WORKER
     torch.set_num_threads(threads)
-    suite_path, results_dir, work_dir, device, jobs = spec
-    _WORKER = Runner(load_suite(suite_path), Path(results_dir), Path(work_dir), device, progress=False)
+    suite_path, results_dir, work_dir, device, jobs, overrides = spec
+    suite = load_suite(suite_path, overrides)
+    _WORKER = Runner(suite, Path(results_dir), Path(work_dir), device, progress=False)
     _WORKER.jobs = jobs
 
 

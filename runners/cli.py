@@ -15,15 +15,19 @@ from methods import MethodError, PruneContext, Target, build_method, method_name
 from results import ResultStore, render_table, write_reports
 
 from .cells import Runner, calibration_batches
-from .suite import SuiteError, load_suite, suite_names
+from .suite import SuiteError, load_suite, parse_override, suite_names
 from .train import Schedule, train
 
 USER_ERRORS = (DatasetError, DetectorError, MethodError, SuiteError, FileNotFoundError)
 
 
-def _report(suite_arg: str, results_dir: Path) -> list[Path]:
+def _overrides(args: argparse.Namespace) -> dict:
+    return dict(parse_override(text) for text in args.set or [])
+
+
+def _report(suite_arg: str, results_dir: Path, overrides: dict) -> list[Path]:
     """Tables for the suite's current cells only: rows of an edited suite's old cells stay out."""
-    suite = load_suite(suite_arg)
+    suite = load_suite(suite_arg, overrides)
     out_dir = results_dir / suite.name
     store_path = out_dir / "results.sqlite"
     if not store_path.is_file():
@@ -38,18 +42,18 @@ def _report(suite_arg: str, results_dir: Path) -> list[Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite, _overrides(args))
     runner = Runner(suite, args.results_dir, args.work_dir, args.device, progress=not args.no_progress)
     counts = runner.run(jobs=args.jobs or suite.jobs)
     print(
         f"suite {suite.name}: {counts['cells']} cells, {counts['ran']} run, {counts['skipped']} already done"
     )
-    _report(args.suite, args.results_dir)
+    _report(args.suite, args.results_dir, suite.overrides)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    for path in _report(args.suite, args.results_dir):
+    for path in _report(args.suite, args.results_dir, _overrides(args)):
         print(f"wrote {path}")
     return 0
 
@@ -133,6 +137,12 @@ def parser() -> argparse.ArgumentParser:
     def dirs(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--results-dir", type=Path, default=Path("results"), help="where results/<suite>/ lives"
+        )
+        sp.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a suite key, e.g. train.epochs=2 or input_size=320 (repeatable)",
         )
 
     run = sub.add_parser("run", help="run a suite (resumes where it stopped), then write its tables")

@@ -7,6 +7,7 @@ Each (experiment, seed, regime) also yields one ``base`` cell: the unpruned base
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import tomllib
@@ -28,7 +29,17 @@ SUITE_KEYS = set(
 PRUNE_DEFAULTS = {"round_to": 8, "max_layer_ratio": 0.9, "tolerance": 0.005, "calibration_images": 256}
 MEASURE_DEFAULTS = {"warmup": 3, "rounds": 20}
 EVALUATE_DEFAULTS = {"batch_size": 16}
-EXPERIMENT_KEYS = {"detector", "size", "dataset", "data", "detector_options", "methods", "targets"}
+EXPERIMENT_KEYS = {
+    "detector",
+    "size",
+    "dataset",
+    "data",
+    "detector_options",
+    "methods",
+    "targets",
+    "train",  # keys that override the suite's [train] for this experiment (YOLOX's 100 epochs)
+    "finetune",
+}
 
 
 class SuiteError(ValueError):
@@ -108,12 +119,23 @@ class Cell:
         )
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One ``[[experiments]]`` entry: what to prune, with which methods, and how to (re)train."""
+
+    experiment: Experiment
+    methods: list[str]
+    targets: list[str]
+    train: Schedule
+    finetune: Schedule
+
+
 @dataclass
 class Suite:
     name: str
     path: Path
     raw: dict[str, Any]
-    experiments: list[tuple[Experiment, list[str], list[str]]]
+    experiments: list[Plan]
     seeds: list[int]
     input_size: int
     train: Schedule
@@ -123,19 +145,21 @@ class Suite:
     evaluate: dict[str, Any]
     method_options: dict[str, dict[str, Any]]
     jobs: int = 1  # cells run in parallel worker processes (rows are measured with threads / jobs)
+    overrides: dict[str, Any] = field(default_factory=dict)  # from the command line (``--set``)
 
     def cells(self) -> list[Cell]:
         """Base cells first, so every baseline is trained and measured before any pruning."""
         base, pruned = [], []
-        for experiment, methods, targets in self.experiments:
+        for plan in self.experiments:
+            experiment, methods, targets = plan.experiment, plan.methods, plan.targets
             for seed in self.seeds:
                 common = dict(
                     suite=self.name,
                     experiment=experiment,
                     seed=seed,
                     input_size=self.input_size,
-                    train=self.train,
-                    finetune=self.finetune,
+                    train=plan.train,
+                    finetune=plan.finetune,
                     prune=self.prune,
                     measure=self.measure,
                     evaluate=self.evaluate,
@@ -190,20 +214,54 @@ def _table(raw: dict[str, Any], key: str, defaults: dict[str, Any], where: Path)
     return {**defaults, **values}
 
 
-def load_suite(name_or_path: str | Path) -> Suite:
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with a dotted KEY (``train.epochs=2``); VALUE is read as TOML, else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise SuiteError(f"bad override '{text}': expected KEY=VALUE, e.g. train.epochs=2")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set suite keys from the command line; a ``train.*`` / ``finetune.*`` key wins everywhere."""
+    raw = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        *tables, leaf = key.split(".")
+        where = raw
+        for table in tables:
+            where = where.setdefault(table, {})
+            if not isinstance(where, dict):
+                raise SuiteError(f"bad override '{key}': '{table}' is not a table")
+        where[leaf] = value
+        if len(tables) == 1 and tables[0] in ("train", "finetune"):
+            for entry in raw.get("experiments", []):
+                if tables[0] in entry:
+                    entry[tables[0]][leaf] = value
+    return raw
+
+
+def _schedule(values: dict[str, Any], where: str) -> Schedule:
+    try:
+        return Schedule.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise SuiteError(f"{where}: {exc}") from None
+
+
+def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Suite:
     path = resolve_suite_path(name_or_path)
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(f"{path}: not valid TOML ({exc})") from None
+    raw = apply_overrides(raw, overrides or {})
     unknown = set(raw) - SUITE_KEYS
     if unknown:
         raise SuiteError(f"{path}: unknown key(s): {', '.join(sorted(unknown))}")
-    try:
-        train = Schedule.from_dict(raw.get("train"))
-        finetune = Schedule.from_dict(raw.get("finetune"))
-    except (TypeError, ValueError) as exc:
-        raise SuiteError(f"{path}: {exc}") from None
+    train = _schedule(raw.get("train", {}), str(path))
+    finetune = _schedule(raw.get("finetune", {}), str(path))
     method_options = dict(raw.get("method_options", {}))
     experiments = []
     for i, entry in enumerate(raw.get("experiments", [])):
@@ -234,7 +292,11 @@ def load_suite(name_or_path: str | Path) -> Suite:
             data=dict(entry.get("data", {})),
             detector_options=dict(entry.get("detector_options", {})),
         )
-        experiments.append((experiment, methods, targets))
+        plan_train = _schedule({**train.to_dict(), **entry.get("train", {})}, f"{path}: experiment {i}")
+        plan_finetune = _schedule(
+            {**finetune.to_dict(), **entry.get("finetune", {})}, f"{path}: experiment {i}"
+        )
+        experiments.append(Plan(experiment, methods, targets, plan_train, plan_finetune))
     if not experiments:
         raise SuiteError(f"{path}: no [[experiments]]")
     return Suite(
@@ -251,4 +313,5 @@ def load_suite(name_or_path: str | Path) -> Suite:
         evaluate=_table(raw, "evaluate", EVALUATE_DEFAULTS, path),
         method_options=method_options,
         jobs=int(raw.get("jobs", 1)),
+        overrides=dict(overrides or {}),
     )

@@ -44,14 +44,14 @@ def test_detector_prunes_predicts_and_trains(detector: str, method: str) -> None
         train_set=samples,
         batch_size=4,
     )
-    fixed = {id(m): (m.out_channels) for m in model.prune_ignored()}
+    fixed = {id(m): m.weight.shape[0] for m in model.prune_ignored()}
     before = count_params(model)
     pruner = build_method(method, **FAST_OPTIONS.get(method, {}))
     report = pruner.prune(model, ctx, Target.parse("params:0.3"))
 
     assert abs(report.achieved["params"] - 0.3) <= ctx.tolerance
     assert count_params(model) == report.params_after < before
-    assert {id(m): m.out_channels for m in model.prune_ignored()} == fixed
+    assert {id(m): m.weight.shape[0] for m in model.prune_ignored()} == fixed
 
     images = [s[0] for s in samples[:2]]
     predictions = model.predict(images)

@@ -1,0 +1,65 @@
+"""The KITTI and COCO paper suites: the paper's grid and training, and a fast, named failure without data."""
+
+from __future__ import annotations
+
+import pytest
+
+from runners.cli import main
+from runners.suite import SuiteError, load_suite, parse_override
+
+
+def _plans(suite):
+    return {(p.experiment.detector, p.experiment.size): p for p in suite.experiments}
+
+
+def test_kitti_suite_is_the_papers_grid() -> None:
+    suite = load_suite("kitti")
+    plans = _plans(suite)
+    assert set(plans) == {("yolox", "s"), ("atss", "r50"), ("gfl", "r50")}
+    assert all(p.experiment.dataset == "kitti" for p in plans.values())
+    assert {"hrank", "groupfisher", "chip", "px", "ldt"} == set(plans["atss", "r50"].methods)
+    yolox, atss = plans["yolox", "s"], plans["atss", "r50"]
+    assert (yolox.train.epochs, yolox.train.weight_decay) == (100, 5e-4)
+    assert (atss.train.epochs, atss.train.weight_decay) == (24, 1e-4)
+    for schedule in (yolox.train, atss.train, atss.finetune):
+        assert (schedule.optimizer, schedule.lr, schedule.momentum, schedule.batch_size) == (
+            "sgd",
+            0.01,
+            0.9,
+            16,
+        )
+    assert "params:0.7" in atss.targets and "params:0.65" in yolox.targets
+
+
+def test_coco_suite_is_table_1() -> None:
+    plans = _plans(load_suite("coco"))
+    assert (
+        plans["atss", "r50"].targets
+        == plans["gfl", "r50"].targets
+        == ["params:0.15", "params:0.2", "params:0.25"]
+    )
+    assert plans["yolof", "r50"].targets == ["flops:0.2", "flops:0.3", "flops:0.4"]
+    assert all(p.experiment.dataset == "coco" and p.train.epochs == 24 for p in plans.values())
+
+
+def test_overrides_reach_every_experiment() -> None:
+    suite = load_suite("kitti", dict(map(parse_override, ["train.epochs=2", "input_size=320"])))
+    assert suite.input_size == 320
+    assert {p.train.epochs for p in suite.experiments} == {2}
+    assert {p.finetune.epochs for p in suite.experiments} == {24, 100}  # only what was overridden
+    assert parse_override("prune.round_to=1") == ("prune.round_to", 1)
+    with pytest.raises(SuiteError, match="KEY=VALUE"):
+        parse_override("epochs")
+
+
+@pytest.mark.parametrize(("suite", "variable"), [("kitti", "KITTI_ROOT"), ("coco", "COCO_ROOT")])
+def test_missing_data_fails_at_once_naming_the_path(suite, variable, monkeypatch, tmp_path, capsys) -> None:
+    args = ["run", suite, "--results-dir", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w")]
+    monkeypatch.delenv(variable, raising=False)
+    assert main(args) == 2
+    assert variable in capsys.readouterr().err
+    monkeypatch.setenv(variable, str(tmp_path / "no-such-data"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no-such-data" in err and err.count("\n") == 1
+    assert not (tmp_path / "w" / "baselines").exists()  # nothing trained
