@@ -1,4 +1,4 @@
-"""FCOS (Tian et al., ICCV 2019) and ATSS (Zhang et al., CVPR 2020) on ResNet-18 FPN.
+"""FCOS (Tian et al., ICCV 2019) and ATSS (Zhang et al., CVPR 2020) on ResNet-18/50 FPN.
 
 Both are torchvision's ``FCOS``: same head (classification, box regression, centerness), same
 losses (focal, GIoU, centerness BCE). ATSS differs only in which locations are positives: per
@@ -23,9 +23,11 @@ from .base import Detector, DetectorError, register
 
 SIZES: dict[str, dict[str, Any]] = {
     # trains on the synthetic set in a few CPU minutes
-    "tiny": {"width": 0.25, "fpn_channels": 64, "head_convs": 2},
-    # the papers' ResNet-18 configuration
-    "r18": {"width": 1.0, "fpn_channels": 256, "head_convs": 4},
+    "tiny": {"width": 0.25, "fpn_channels": 64, "head_convs": 2, "depth": 18},
+    # the papers' head and neck on ResNet-18
+    "r18": {"width": 1.0, "fpn_channels": 256, "head_convs": 4, "depth": 18},
+    # the papers' full configuration: ResNet-50 FPN, four head convs, 256 channels
+    "r50": {"width": 1.0, "fpn_channels": 256, "head_convs": 4, "depth": 50},
 }
 
 
@@ -40,25 +42,33 @@ class FCOSDetector(Detector, FCOS):
 
     def __init__(self, num_classes: int, size: str = "tiny", input_size: int = 128, **options: Any) -> None:
         cfg = {**_size(size), **options}
-        backbone = ResNetFPN(cfg["width"], cfg["fpn_channels"])
-        head = FCOSHead(backbone.out_channels, 1, num_classes, num_convs=cfg["head_convs"])
-        bn = partial(nn.BatchNorm2d)
-        head.classification_head = FCOSClassificationHead(
-            backbone.out_channels, 1, num_classes, cfg["head_convs"], norm_layer=bn
-        )
-        head.regression_head = FCOSRegressionHead(backbone.out_channels, 1, cfg["head_convs"], norm_layer=bn)
+        backbone = ResNetFPN(cfg["width"], cfg["fpn_channels"], depth=cfg["depth"])
         FCOS.__init__(
             self,
             backbone,
             num_classes,
             min_size=input_size,
             max_size=input_size,
-            head=head,
+            head=self.build_head(backbone.out_channels, num_classes, cfg),
             score_thresh=0.05,
             detections_per_img=100,
         )
         self.input_size = input_size
         self.strides = ResNetFPN.strides
+
+    def build_head(self, in_channels: int, num_classes: int, cfg: dict[str, Any]) -> nn.Module:
+        """FCOS's head with BatchNorm in its towers; subclasses with another head override this.
+
+        Called before ``nn.Module.__init__``, so it must not set attributes on ``self``.
+        """
+        num_convs = cfg["head_convs"]
+        head = FCOSHead(in_channels, 1, num_classes, num_convs=num_convs)
+        bn = partial(nn.BatchNorm2d)
+        head.classification_head = FCOSClassificationHead(
+            in_channels, 1, num_classes, num_convs, norm_layer=bn
+        )
+        head.regression_head = FCOSRegressionHead(in_channels, 1, num_convs, norm_layer=bn)
+        return head
 
     def loss(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         return self(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])

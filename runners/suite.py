@@ -39,6 +39,7 @@ EXPERIMENT_KEYS = {
     "targets",
     "train",  # keys that override the suite's [train] for this experiment (YOLOX's 100 epochs)
     "finetune",
+    "input_size",  # a single-level stride-32 detector (YOLOF) needs larger inputs than the rest
 }
 
 
@@ -128,6 +129,7 @@ class Plan:
     targets: list[str]
     train: Schedule
     finetune: Schedule
+    input_size: int
 
 
 @dataclass
@@ -157,7 +159,7 @@ class Suite:
                     suite=self.name,
                     experiment=experiment,
                     seed=seed,
-                    input_size=self.input_size,
+                    input_size=plan.input_size,
                     train=plan.train,
                     finetune=plan.finetune,
                     prune=self.prune,
@@ -296,7 +298,8 @@ def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None
         plan_finetune = _schedule(
             {**finetune.to_dict(), **entry.get("finetune", {})}, f"{path}: experiment {i}"
         )
-        experiments.append(Plan(experiment, methods, targets, plan_train, plan_finetune))
+        input_size = int(entry.get("input_size", raw.get("input_size", 128)))
+        experiments.append(Plan(experiment, methods, targets, plan_train, plan_finetune, input_size))
     if not experiments:
         raise SuiteError(f"{path}: no [[experiments]]")
     return Suite(
