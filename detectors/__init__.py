@@ -1,6 +1,6 @@
 """Detectors behind one contract; importing the package registers every family."""
 
-from . import fcos  # noqa: F401  (registers fcos, atss)
+from . import faster_rcnn, fcos, gfl, yolof, yolox  # noqa: F401  (each registers its detectors)
 from .base import (
     Detector,
     DetectorError,

@@ -35,11 +35,13 @@ SIZES: dict[str, dict[str, Any]] = {
         "fpn_channels": 64,
         "representation": 256,
         "anchor_sizes": (8, 16, 32, 64, 128),
-        "rpn_pre_nms_top_n_train": 600,
-        "rpn_post_nms_top_n_train": 300,
+        # RoIAlign's backward dominates a CPU training step: 100 proposals and 32 sampled RoIs
+        # per image halve it against 300 / 128 (measured: 0.21 vs 0.44 s per batch of 8, 1 thread)
+        "rpn_pre_nms_top_n_train": 300,
+        "rpn_post_nms_top_n_train": 100,
         "rpn_pre_nms_top_n_test": 300,
         "rpn_post_nms_top_n_test": 100,
-        "box_batch_size_per_image": 128,
+        "box_batch_size_per_image": 32,
     },
     # torchvision's fasterrcnn_resnet50_fpn (v1) with trainable BatchNorm
     "r50": {

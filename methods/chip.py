@@ -44,19 +44,29 @@ def lapack_single_thread() -> Iterator[None]:
 
 
 def nuclear_norm_drops(feats: Tensor) -> Tensor:
-    """``[N, C]``: ``||A_n||_* - ||M_c ⊙ A_n||_*`` for every image n and channel c."""
+    """``[N, C]``: ``||A_n||_* - ||M_c ⊙ A_n||_*`` for every image n and channel c.
+
+    ``A_n`` is ``C x HW``; its nuclear norm is Σ sqrt(λ) over the eigenvalues of either Gram
+    matrix. Masking channel c leaves the ``C x C`` one's principal minor without row/column c,
+    and the ``HW x HW`` one minus the rank-one ``a_c a_cᵀ``: whichever side is smaller is
+    decomposed (deep, wide layers have far fewer pixels than channels at small inputs).
+    """
     n, c = feats.shape[:2]
     a = feats.reshape(n, c, -1).to(torch.float64)
-    gram = a @ a.transpose(1, 2)  # [N, C, C]
+    pixels_side = a.shape[-1] < c
+    gram = a.transpose(1, 2) @ a if pixels_side else a @ a.transpose(1, 2)  # [N, P, P], P = min(C, HW)
     keep = torch.arange(c).expand(c, c)
     keep = keep[~torch.eye(c, dtype=torch.bool)].view(c, c - 1)  # row c: every index but c
     drops = torch.empty(n, c, dtype=torch.float64)
     with lapack_single_thread():
-        for i in range(n):  # per image bounds memory at C·(C-1)² floats
+        for i in range(n):  # per image bounds memory at C·P² floats
             full = torch.linalg.eigvalsh(gram[i])
             scale = full[-1].clamp(min=0)
-            minors = gram[i][keep[:, :, None], keep[:, None, :]]  # [C, C-1, C-1]
-            masked = torch.linalg.eigvalsh(minors)
+            if pixels_side:
+                masked_grams = gram[i] - a[i][:, :, None] * a[i][:, None, :]  # [C, HW, HW]
+            else:
+                masked_grams = gram[i][keep[:, :, None], keep[:, None, :]]  # [C, C-1, C-1]
+            masked = torch.linalg.eigvalsh(masked_grams)
             drops[i] = _nuclear_from_eigenvalues(full, scale) - _nuclear_from_eigenvalues(masked, scale)
     return drops
 

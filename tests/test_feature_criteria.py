@@ -69,13 +69,14 @@ def test_duplicate_and_combination_are_least_independent(score) -> None:
     assert s.argsort()[:3].tolist()[0] == 7 and set(s.argsort()[:3].tolist()) == {0, 2, 7}
 
 
+@pytest.mark.parametrize("hw", [5, 3])  # 25 pixels > 12 channels: the channel side; 9 < 12: pixels
 @pytest.mark.parametrize("kind", ["random", "rank-deficient", "relu"])
-def test_fast_path_equals_naive_svd_loop(kind: str) -> None:
-    feats = _maps(seed=3, n=3, c=12, hw=5)
+def test_fast_path_equals_naive_svd_loop(kind: str, hw: int) -> None:
+    feats = _maps(seed=3, n=3, c=12, hw=hw)
     if kind == "rank-deficient":  # 12 channels spanning 4 directions, plus a zero channel
         basis = feats[:, :4].reshape(3, 4, -1)
         mix = torch.randn(12, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
-        feats = (mix @ basis).reshape(3, 12, 5, 5)
+        feats = (mix @ basis).reshape(3, 12, hw, hw)
         feats[:, 9] = 0
     if kind == "relu":
         feats = feats.clamp(min=0)
