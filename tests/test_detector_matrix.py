@@ -1,8 +1,8 @@
 """Every registered detector prunes with every registered method, then still predicts and trains.
 
 One cell of the matrix: tiny detector, 64x64 input, ``params:0.3`` with ``round_to = 1``; the
-pruned model must meet the budget, keep its predictor widths, run ``predict`` and take one
-optimiser step whose loss is finite.
+pruned model must meet the budget, keep its predictor widths, reload from its checkpoint with
+identical ``core`` outputs, run ``predict`` and take one optimiser step whose loss is finite.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detectors import build_detector, detector_names
+from detectors import build_detector, detector_names, load_checkpoint, save_checkpoint
 from methods import PruneContext, Target, build_method, method_names
 from methods.budget import count_params
 
@@ -32,7 +32,7 @@ def _samples(n: int) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
 
 @pytest.mark.parametrize("method", method_names())
 @pytest.mark.parametrize("detector", detector_names())
-def test_detector_prunes_predicts_and_trains(detector: str, method: str) -> None:
+def test_detector_prunes_reloads_predicts_and_trains(detector: str, method: str, tmp_path) -> None:
     torch.manual_seed(0)
     model = build_detector(detector, 3, "tiny", SIZE).eval()
     samples = _samples(8)
@@ -53,8 +53,14 @@ def test_detector_prunes_predicts_and_trains(detector: str, method: str) -> None
     assert count_params(model) == report.params_after < before
     assert {id(m): m.weight.shape[0] for m in model.prune_ignored()} == fixed
 
+    model.eval()
+    reloaded, _ = load_checkpoint(save_checkpoint(model, tmp_path / "pruned.pt"))
+    x = model.example_input()
+    for a, b in zip(model.core(x), reloaded.eval().core(x), strict=True):
+        torch.testing.assert_close(a, b)
+
     images = [s[0] for s in samples[:2]]
-    predictions = model.predict(images)
+    predictions = reloaded.predict(images)
     assert len(predictions) == 2 and all(set(p) >= {"boxes", "scores", "labels"} for p in predictions)
 
     model.train()

@@ -7,9 +7,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from detectors import DetectorError, build_detector, load_checkpoint, save_checkpoint
+from detectors import DetectorError, build_detector
 from detectors.faster_rcnn import fixed_proposals
-from methods import PruneContext, Target, build_method
 from methods.budget import count_params, dependency_graph
 
 
@@ -81,12 +80,3 @@ def test_pruning_an_fpn_channel_equals_zeroing_it_in_rpn_and_box_head(model) -> 
     x = model.example_input()
     for a, b in zip(model.core(x), zeroed.core(x), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_pruned_checkpoint_reloads(model, tmp_path) -> None:
-    build_method("l1").prune(model, PruneContext(round_to=1, progress=False), Target.parse("params:0.4"))
-    reloaded, _ = load_checkpoint(save_checkpoint(model, tmp_path / "pruned.pt"))
-    x = model.example_input()
-    for a, b in zip(model.core(x), reloaded.eval().core(x), strict=True):
-        torch.testing.assert_close(a, b)
-    assert len(reloaded.predict([torch.rand(3, 64, 64)])) == 1

@@ -220,20 +220,6 @@ def test_predict_scores_decodes_and_maps_back() -> None:
     assert len(model.predict([torch.rand(3, 32, 32)])[0]["boxes"]) == 10
 
 
-def test_pruned_checkpoint_reloads_and_predicts(tmp_path) -> None:
-    torch.manual_seed(0)
-    model = build_detector("yolox", 3, "tiny", 64).eval()
-    build_method("l1").prune(model, PruneContext(round_to=1), Target.parse("params:0.5"))
-    path = save_checkpoint(model, tmp_path / "pruned.pt", {"note": "x"})
-    reloaded, meta = load_checkpoint(path)
-    reloaded.eval()
-    assert meta == {"note": "x"}
-    x = model.example_input()
-    for a, b in zip(model.core(x), reloaded.core(x), strict=True):
-        torch.testing.assert_close(a, b)
-    assert len(reloaded.predict([torch.rand(3, 64, 64)])) == 1
-
-
 def test_nano_is_depthwise_and_prunes(tmp_path) -> None:
     torch.manual_seed(0)
     model = build_detector("yolox", 3, "nano", 64).eval()
