@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou, sigmoid_focal_loss
+from torchvision.ops import batched_nms, box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from .backbones import resnet_body
 from .base import Detector, DetectorError, letterbox, register
@@ -283,22 +283,6 @@ def uniform_assign(
     return labels, anchor_index[kept], gt_index[kept]
 
 
-# -- losses ----------------------------------------------------------------------------------------
-
-
-def giou_loss(pred: Tensor, target: Tensor, eps: float = 1e-7) -> Tensor:
-    """``1 - GIoU`` per pair of xyxy boxes (Rezatofighi et al. 2019): IoU minus the share of the
-    smallest enclosing box that neither box covers."""
-    area_p = (pred[:, 2] - pred[:, 0]).clamp(min=0) * (pred[:, 3] - pred[:, 1]).clamp(min=0)
-    area_t = (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1])
-    lt, rb = torch.max(pred[:, :2], target[:, :2]), torch.min(pred[:, 2:], target[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    union = area_p + area_t - inter
-    iou = inter / (union + eps)
-    enclose = (torch.max(pred[:, 2:], target[:, 2:]) - torch.min(pred[:, :2], target[:, :2])).prod(dim=1)
-    return 1 - (iou - (enclose - union) / (enclose + eps))
-
-
 # -- the detector ----------------------------------------------------------------------------------
 
 
@@ -387,7 +371,9 @@ class YOLOF(Detector):
             foreground = valid & (labels < self.num_classes)
             onehot[foreground, labels[foreground]] = 1.0
             cls_losses.append(sigmoid_focal_loss(logits[i][valid], onehot[valid], 0.25, 2.0, reduction="sum"))
-            box_losses.append(giou_loss(pred_boxes[i][anchor_index], gt_boxes[gt_index]).sum())
+            box_losses.append(
+                generalized_box_iou_loss(pred_boxes[i][anchor_index], gt_boxes[gt_index], reduction="sum")
+            )
             num_pos += int(foreground.sum())
         norm = max(1, num_pos)
         return {

@@ -72,13 +72,20 @@ def count_params(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def count_gmacs(model: Detector) -> float:
-    """fvcore's count (one multiply-add = one) of ``core`` at batch 1, in billions."""
+def count_gmacs(model: Detector, shape: tuple[int, int] | None = None) -> float:
+    """fvcore's count (one multiply-add = one) of ``core`` at batch 1, in billions.
+
+    At the model's square ``input_size`` unless ``shape`` gives ``(height, width)``: papers state
+    FLOPs at non-square inputs too (MMDetection's 1280 x 800).
+    """
     was_training = model.training
     model.eval()
+    x = model.example_input()
+    if shape is not None:
+        x = x.new_zeros(1, 3, *shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        analysis = FlopCountAnalysis(_Core(model), model.example_input())
+        analysis = FlopCountAnalysis(_Core(model), x)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         total = analysis.total()
     model.train(was_training)

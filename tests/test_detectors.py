@@ -2,41 +2,78 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch import Tensor
 
-from detectors import DetectorError, build_detector, load_checkpoint
+from detectors import DetectorError, build_detector, detector_names, load_checkpoint
 from detectors.fcos import atss_assign
 
+# the loss terms each family reports (the trainer sums them; the tables never see them)
+LOSS_TERMS = {
+    "fcos": {"classification", "bbox_regression", "bbox_ctrness"},
+    "atss": {"classification", "bbox_regression", "bbox_ctrness"},
+    "gfl": {"qfl", "giou", "dfl"},
+    "yolox": {"iou", "obj", "cls", "l1"},
+    "yolof": {"loss_cls", "loss_box_reg"},
+    "faster_rcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"},
+}
 
-@pytest.mark.parametrize("name", ["fcos", "atss"])
+
+def _levels(out: Tensor | tuple | dict) -> list[Tensor]:
+    """A neck's output as a list of maps: one map, a tuple of them, or torchvision's OrderedDict."""
+    if isinstance(out, Tensor):
+        return [out]
+    return list(out.values()) if isinstance(out, dict) else list(out)
+
+
+def test_every_family_is_tested_here() -> None:
+    assert set(LOSS_TERMS) == set(detector_names())
+
+
+@pytest.mark.parametrize("name", detector_names())
 def test_contract(name: str) -> None:
+    """DESIGN.md §3 for every registered detector, at its tiny size on a 64 px input:
+    trainable BatchNorm only, a finite loss with every fixed predictor in its graph, ``predict``
+    in the sample format (leaving eval mode), ``preprocess`` at the input size, ``core`` at batch 2,
+    and a neck whose maps have the stated strides."""
     torch.manual_seed(0)
     model = build_detector(name, 3, "tiny", 64)
-    assert model.strides == (8, 16, 32, 64, 128)
     kinds = {type(m).__name__ for m in model.modules()}
     assert "BatchNorm2d" in kinds and not kinds & {"GroupNorm", "FrozenBatchNorm2d"}
     images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
     targets = [
-        {"boxes": torch.tensor([[4.0, 4.0, 30.0, 20.0]]), "labels": torch.tensor([1])},
+        {
+            "boxes": torch.tensor([[4.0, 4.0, 30.0, 20.0], [20.0, 24.0, 60.0, 62.0]]),
+            "labels": torch.tensor([1, 2]),
+        },
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
     ]
+
     model.train()
     losses = model.loss(images, targets)
-    assert set(losses) == {"classification", "bbox_regression", "bbox_ctrness"}
+    assert set(losses) == LOSS_TERMS[name]
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
-    model.eval()
-    preds = model.predict(images)
-    assert len(preds) == 2 and set(preds[0]) == {"boxes", "scores", "labels"}
-    cls, box, ctr = model.core(model.example_input(2))
-    assert cls.shape[-1] == 3 and box.shape[-1] == 4 and ctr.shape[-1] == 1
-    assert model.preprocess(images).shape[-2:] == (64, 64)
+    # every fixed predictor is in the loss's graph (a level without positives may get a zero one)
+    grads = [predictor.weight.grad for predictor in model.prune_ignored()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+
+    predictions = model.predict(images)
+    assert not model.training and len(predictions) == 2
+    for p in predictions:
+        assert set(p) == {"boxes", "scores", "labels"} and p["boxes"].shape == (len(p["scores"]), 4)
+        assert len(p["labels"]) == 0 or (p["labels"].min() >= 0 and p["labels"].max() < 3)
+    assert model.preprocess(images).shape == (2, 3, 64, 64)
+    assert all(isinstance(out, Tensor) for out in model.core(model.example_input(2)))
+
     seen = []
-    handle = model.neck.register_forward_hook(lambda m, i, out: seen.extend(out.values()))
+    handle = model.neck.register_forward_hook(lambda m, i, out: seen.extend(_levels(out)))
     model.core(model.example_input())
     handle.remove()
-    levels = [f.shape[-1] for f in seen]
-    assert levels == [64 // s for s in model.strides[:3]] + [1, 1]
+    assert [f.shape[-2:] for f in seen] == [(math.ceil(64 / s),) * 2 for s in model.strides]
 
 
 def test_unknown_detector_and_size() -> None:

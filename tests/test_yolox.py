@@ -18,7 +18,7 @@ from detectors.yolox import (
     simota_assign,
 )
 from methods import PruneContext, Target, build_method
-from methods.budget import count_gmacs, count_params
+from methods.budget import count_params
 
 
 def _targets() -> list[dict[str, torch.Tensor]]:
@@ -31,12 +31,13 @@ def _targets() -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def test_contract() -> None:
+def test_layout_and_initialisation() -> None:
+    """What YOLOX adds to the contract (``tests/test_detectors.py``): SiLU, YOLOX's BatchNorm
+    constants and prior bias, per-location outputs, the L1 term off before its epochs."""
     torch.manual_seed(0)
     model = build_detector("yolox", 3, "tiny", 64)
     assert model.strides == (8, 16, 32)
-    kinds = {type(m).__name__ for m in model.modules()}
-    assert "BatchNorm2d" in kinds and "SiLU" in kinds and not kinds & {"GroupNorm", "FrozenBatchNorm2d"}
+    assert any(isinstance(m, torch.nn.SiLU) for m in model.modules())
     bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
     assert (bn.eps, bn.momentum) == (1e-3, 0.03)
     prior = -math.log((1 - PRIOR_PROB) / PRIOR_PROB)
@@ -44,27 +45,12 @@ def test_contract() -> None:
         torch.testing.assert_close(pred.bias, torch.full_like(pred.bias, prior))
 
     images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
-    model.train()
-    losses = model.loss(images, _targets())
-    assert set(losses) == {"iou", "obj", "cls", "l1"} and losses["l1"].item() == 0.0
-    sum(losses.values()).backward()
-    assert model.head.reg_preds[0].weight.grad.abs().sum() > 0
-
-    preds = model.predict(images)
-    assert not model.training
-    assert len(preds) == 2 and set(preds[0]) == {"boxes", "scores", "labels"}
-
+    assert model.train().loss(images, _targets())["l1"].item() == 0.0
     locations = sum((64 // s) ** 2 for s in model.strides)
     cls, reg, obj = model.core(model.example_input(2))
     assert (
         cls.shape == (2, locations, 3) and reg.shape == (2, locations, 4) and obj.shape == (2, locations, 1)
     )
-    assert model.preprocess(images).shape == (2, 3, 64, 64)
-    seen = []
-    handle = model.neck.register_forward_hook(lambda m, i, out: seen.extend(out))
-    model.core(model.example_input())
-    handle.remove()
-    assert [f.shape[-1] for f in seen] == [64 // s for s in model.strides]
     assert {id(m) for m in model.prune_ignored()} == {
         id(m) for m in [*model.head.cls_preds, *model.head.reg_preds, *model.head.obj_preds]
     }
@@ -87,26 +73,17 @@ def test_unknown_size_and_bad_input_size() -> None:
         build_detector("yolox", 3, input_size=100)
 
 
-# Published figures, each printed to a fixed number of decimals: the check is that the measured
-# count rounds to the printed figure, i.e. a tolerance of half a unit in its last digit (0.005 M,
-# 0.005 / 0.05 GFLOPs). One 3x3 conv more or less anywhere moves the count by far more than that.
-# YOLOX README (Megvii-BaseDetection/YOLOX): Nano 0.91 M / 1.08 GFLOPs at 416, Tiny 5.06 M /
-# 6.45 GFLOPs at 416, S 9.0 M / 26.8 GFLOPs at 640 (8.97 M in YOLOX's model summary); LDT paper
-# Table 4 (KITTI, 3 classes): YOLOX-S 8.94 M.
+# Published parameter counts, each printed to a fixed number of decimals: the check is that the
+# measured count rounds to the printed figure, i.e. a tolerance of half a unit in its last digit
+# (0.005 M). One 3x3 conv more or less anywhere moves the count by far more than that.
+# YOLOX README (Megvii-BaseDetection/YOLOX): Nano 0.91 M, Tiny 5.06 M, S 9.0 M (8.97 M in YOLOX's
+# model summary); LDT paper Table 4 (KITTI, 3 classes): YOLOX-S 8.94 M. GFLOPs: test_published_sizes.
 @pytest.mark.parametrize(
     ("size", "classes", "published", "decimals"),
     [("nano", 80, 0.91, 2), ("tiny", 80, 5.06, 2), ("s", 80, 8.97, 2), ("s", 80, 9.0, 1), ("s", 3, 8.94, 2)],
 )
 def test_full_size_parameter_count(size: str, classes: int, published: float, decimals: int) -> None:
     assert round(count_params(build_detector("yolox", classes, size, 640)) / 1e6, decimals) == published
-
-
-@pytest.mark.parametrize(
-    ("size", "resolution", "published", "decimals"), [("nano", 416, 1.08, 2), ("tiny", 416, 6.45, 2)]
-)
-def test_full_size_gflops(size: str, resolution: int, published: float, decimals: int) -> None:
-    # fvcore counts a multiply-add once; YOLO papers' GFLOPs are 2 x that
-    assert round(2 * count_gmacs(build_detector("yolox", 80, size, resolution)), decimals) == published
 
 
 def test_decode_inverts_encode_on_the_grid() -> None:

@@ -1,0 +1,54 @@
+"""The README's table of full-size detectors: fvcore GMACs of ``core`` against the published figures.
+
+Each row holds the figure the README prints as measured (two decimals: the test keeps the README
+true) and the published one with the tolerance it can be held to, and why. Parameter counts are
+asserted, with their counting conventions, by each detector's own tests.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from detectors import build_detector
+from methods.budget import count_gmacs
+
+# (detector, size, num_classes, (height, width), measured GMACs, published GMACs, relative tolerance)
+ROWS = [
+    # YOLOX README: GFLOPs = 2 x MACs, printed to 0.01 or 0.1: half a unit of the last digit
+    ("yolox", "s", 80, (640, 640), 13.40, 26.8 / 2, 0.05 / 26.8),
+    ("yolox", "tiny", 80, (416, 416), 3.23, 6.45 / 2, 0.005 / 6.45),
+    ("yolox", "nano", 80, (416, 416), 0.54, 1.08 / 2, 0.005 / 1.08),
+    # LDT paper Table 4 (KITTI, 3 classes): YOLOX-S 26.65 GFLOPs (YOLOX's 2 x MACs), ATSS and GFL
+    # as MMDetection prints them (MACs). The paper does not state the input; 1344 x 832 fits to
+    # 0.07%, a gap between two FLOP counters that this test does not explain away: 0.1% allowed
+    ("yolox", "s", 3, (640, 640), 13.32, 26.65 / 2, 0.001),
+    ("atss", "r50", 3, (832, 1344), 219.71, 219.56, 0.001),
+    ("gfl", "r50", 3, (832, 1344), 223.09, 222.94, 0.001),
+    # MMDetection's GFL-R50 config README at its 1280 x 800 test scale
+    ("gfl", "r50", 80, (800, 1280), 208.13, 208.0, 0.001),
+    # YOLOF paper Table 1: 86 GFLOPs averaged over COCO images (about 1088 x 800 after its
+    # resize, but smaller on average), so only within 5%
+    ("yolof", "r50", 80, (800, 1088), 88.84, 86.0, 0.05),
+    # torchvision's fasterrcnn_resnet50_fpn (91 labels with background): 134.38 GFLOPS; ours at
+    # 1000 fixed proposals, torchvision's at whatever its sample image yields
+    ("faster_rcnn", "r50", 90, (800, 800), 134.68, 134.38, 0.003),
+]
+
+
+@pytest.mark.parametrize(
+    ("detector", "size", "classes", "shape", "measured", "published", "tolerance"),
+    ROWS,
+    ids=[f"{r[0]}-{r[1]}-{r[2]}cls-{r[3][1]}x{r[3][0]}" for r in ROWS],
+)
+def test_gmacs_match_the_readme_and_the_published_figure(
+    detector: str,
+    size: str,
+    classes: int,
+    shape: tuple[int, int],
+    measured: float,
+    published: float,
+    tolerance: float,
+) -> None:
+    gmacs = count_gmacs(build_detector(detector, classes, size, max(shape)), shape)
+    assert round(gmacs, 2) == measured
+    assert gmacs == pytest.approx(published, rel=tolerance)
