@@ -228,21 +228,27 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set suite keys from the command line; a ``train.*`` / ``finetune.*`` key wins everywhere."""
+    """Set suite keys from the command line. An override applies to every experiment: where an
+    ``[[experiments]]`` entry sets the same key itself (``targets``, ``input_size``, ``train.*``),
+    the override replaces it there too."""
     raw = copy.deepcopy(raw)
     for key, value in overrides.items():
-        *tables, leaf = key.split(".")
-        where = raw
-        for table in tables:
-            where = where.setdefault(table, {})
-            if not isinstance(where, dict):
-                raise SuiteError(f"bad override '{key}': '{table}' is not a table")
-        where[leaf] = value
-        if len(tables) == 1 and tables[0] in ("train", "finetune"):
+        path = key.split(".")
+        _set(raw, path, key, value)
+        if path[0] in SUITE_KEYS & EXPERIMENT_KEYS:
             for entry in raw.get("experiments", []):
-                if tables[0] in entry:
-                    entry[tables[0]][leaf] = value
+                if path[0] in entry:
+                    _set(entry, path, key, value)
     return raw
+
+
+def _set(table: dict[str, Any], path: list[str], key: str, value: Any) -> None:
+    *tables, leaf = path
+    for name in tables:
+        table = table.setdefault(name, {})
+        if not isinstance(table, dict):
+            raise SuiteError(f"bad override '{key}': '{name}' is not a table")
+    table[leaf] = value
 
 
 def _schedule(values: dict[str, Any], where: str) -> Schedule:

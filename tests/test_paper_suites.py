@@ -47,6 +47,12 @@ def test_overrides_reach_every_experiment() -> None:
     assert suite.input_size == 320
     assert {p.train.epochs for p in suite.experiments} == {2}
     assert {p.finetune.epochs for p in suite.experiments} == {24, 100}  # only what was overridden
+    # keys an experiment sets itself are overridden there too: COCO's per-detector targets, the
+    # zoo's YOLOF input size
+    coco = load_suite("coco", dict([parse_override('targets=["params:0.3"]')]))
+    assert [p.targets for p in coco.experiments] == [["params:0.3"]] * 3
+    assert {p.input_size for p in load_suite("zoo", {"input_size": 64}).experiments} == {64}
+    assert {p.input_size for p in load_suite("zoo").experiments} == {128, 256}
     assert parse_override("prune.round_to=1") == ("prune.round_to", 1)
     with pytest.raises(SuiteError, match="KEY=VALUE"):
         parse_override("epochs")
