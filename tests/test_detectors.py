@@ -76,6 +76,17 @@ def test_contract(name: str) -> None:
     assert [f.shape[-2:] for f in seen] == [(math.ceil(64 / s),) * 2 for s in model.strides]
 
 
+@pytest.mark.parametrize("name", ["fcos", "atss"])
+def test_fcos_family_outputs(name: str) -> None:
+    model = build_detector(name, 3, "tiny", 64).eval()
+    cls, box, ctr = model.core(model.example_input(2))
+    assert model.strides == (8, 16, 32, 64, 128)
+    locations = sum(math.ceil(64 / s) ** 2 for s in model.strides)
+    assert (
+        cls.shape == (2, locations, 3) and box.shape == (2, locations, 4) and ctr.shape == (2, locations, 1)
+    )
+
+
 def test_unknown_detector_and_size() -> None:
     with pytest.raises(DetectorError, match="unknown detector 'yolo9'"):
         build_detector("yolo9", 3)
