@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from datasets.base import DatasetError, DetectionDataset, ImageRecord, collate
+from datasets.base import DatasetError, DetectionDataset, ImageRecord
 from datasets.coco import CocoDetection
 from datasets.kitti import KittiDetection
 from datasets.synthetic import generate
@@ -34,7 +34,6 @@ __all__ = [
     "ImageRecord",
     "KittiDetection",
     "build_dataset",
-    "collate",
     "default_data_dir",
     "synthetic_root",
 ]

@@ -109,9 +109,3 @@ def quiet_coco(dataset: dict[str, Any]) -> COCO:
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
-
-
-def collate(batch: list[Sample]) -> tuple[list[torch.Tensor], list[dict]]:
-    """Keep images as a list: detectors batch and resize them themselves."""
-    images, targets = zip(*batch, strict=True)
-    return list(images), list(targets)

@@ -22,25 +22,16 @@ from tqdm.auto import tqdm
 
 from detectors.base import Detector
 
-ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.LeakyReLU, nn.Hardswish, nn.GELU, nn.Mish, nn.ELU)
+from .base import Method
+from .groups import ACTIVATIONS, ChannelScores, fixed_layers, run_core_once
+from .types import PruneContext
+
 Reducer = Callable[[Tensor], Tensor]
 
 
 def prunable_convs(model: Detector) -> dict[str, nn.Conv2d]:
-    fixed = {id(m) for m in model.prune_ignored()}
+    fixed = fixed_layers(model)
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and id(m) not in fixed}
-
-
-def run_core_once(model: Detector, handles: list) -> None:
-    """One eval-mode ``core`` pass on the example input, then the hooks go and the mode returns."""
-    was_training = model.training
-    model.eval()
-    try:
-        model.core(model.example_input())
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -99,7 +90,10 @@ def capture(
     layers: Sequence[str] | None = None,
     progress: bool = False,
 ) -> dict[str, Tensor]:
-    """Mean over the calibration images of ``reducer``'s per-image scores, for every layer at once."""
+    """Mean over the calibration images of ``reducer``'s per-image scores, for every layer at once.
+
+    Batches go to the model's device; the per-layer sums come back to the CPU.
+    """
     points = observation_points(model)
     if layers is not None:
         points = {n: p for n, p in points.items() if n in set(layers)}
@@ -111,16 +105,17 @@ def capture(
             _m: nn.Module, _i: tuple, out: Tensor, name: str = name, act: nn.Module | None = act
         ) -> None:
             feats = act(out) if act is not None else out
-            scores = reducer(feats).sum(dim=0)
+            scores = reducer(feats).sum(dim=0).cpu()
             sums[name] = sums[name] + scores if name in sums else scores
 
         handles.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     images_seen = 0
     try:
         for images, _ in tqdm(batches, desc="activations", disable=not progress, leave=False):
-            model.core(model.preprocess(images))
+            model.core(model.preprocess([im.to(device) for im in images]))
             images_seen += len(images)
     finally:
         for h in handles:
@@ -131,32 +126,20 @@ def capture(
     return {name: s / images_seen for name, s in sums.items()}
 
 
-class LayerScoreImportance:
-    """Per-layer channel scores -> one score per channel of a dependency group.
+class FeatureMapCriterion(Method):
+    """A criterion on the captured maps: ``reducer`` gives per-image channel scores ``[N, C]``.
 
-    The scores of every output-pruned layer of the group that has scores are summed per root
-    index (``root_only``: the group's root layer alone), so coupled layers lose the same indices.
+    Single-layer criteria (HRank, CHIP) score a dependency group by its root layer
+    (``root_only``); DCODP sums every coupled layer's scores.
     """
 
-    def __init__(self, model: nn.Module, layer_scores: dict[str, Tensor], root_only: bool = False) -> None:
-        self.layer_scores = layer_scores
-        self.names = {m: n for n, m in model.named_modules()}
-        self.root_only = root_only
+    scope = "local"
+    root_only: bool = True
 
-    def __call__(self, group, **kwargs) -> Tensor | None:
-        size = len(group[0].idxs)
-        total = torch.zeros(size, dtype=torch.float64)
-        found = False
-        for i, (dep, idxs) in enumerate(group):
-            if self.root_only and i > 0:
-                break
-            name = self.names.get(dep.target.module)
-            if name not in self.layer_scores or not dep.handler.__name__.endswith("out_channels"):
-                continue
-            root_idxs = group[i].root_idxs
-            if any(r is None for r in root_idxs):
-                continue
-            scores = self.layer_scores[name].to(torch.float64)[list(idxs)]
-            total.index_add_(0, torch.tensor(root_idxs), scores)
-            found = True
-        return total if found else None
+    reducer: Reducer
+
+    def prepare(self, model: Detector, ctx: PruneContext) -> None:
+        self.layer_scores = capture(model, ctx.calibration, self.reducer, progress=ctx.progress)
+
+    def importance(self, model: Detector, ctx: PruneContext) -> ChannelScores:
+        return ChannelScores(model, self.layer_scores, root_only=self.root_only)

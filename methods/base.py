@@ -1,104 +1,48 @@
-"""The Method interface, its registry, targets and the report of a pruning (DESIGN.md §3, §6).
+"""The Method interface and its registry (DESIGN.md §3).
 
-A method supplies scores (a torch-pruning ``Importance``); removing channels, keeping coupled
-layers consistent and meeting the budget are shared by every method (``methods.budget``).
+A method *scores*: it returns a torch-pruning ``Importance`` (one score per channel of a
+dependency group; lower = pruned first). Everything else is the shared engine's
+(``methods.engine``): removing channels, keeping coupled layers consistent, meeting the budget,
+and scheduling rounds and training. A method only *declares* what its schedule needs:
+
+* ``scope``: "local" (the same share from every layer) or "global" (one ranking);
+* ``rounds``: rescored rounds, each removing an equal share of what is left of the budget;
+* ``channels_per_round``: instead, every round removes this many channels until the target;
+* ``train_iterations``: iterations of the shared training loop before each round's scoring,
+  with ``training_hooks`` running inside them (GroupFisher's Fisher sums);
+* ``train_loss``: an extra loss in every training of its cells (LDT's discriminant loss), given
+  the neck maps of the step's own forward pass.
+
+This module imports nothing of the engine: ``methods/__init__`` hands the engine to ``prune``.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, ClassVar
 
-import torch
 import torch_pruning as tp
 from torch import Tensor
 
 from detectors.base import Detector
 
+from .types import Batch, Losses, Maps, MethodError, PruneContext, PruneReport, Target
+
 _REGISTRY: dict[str, type[Method]] = {}
-TARGET_KINDS = ("params", "flops", "channels")
-
-
-class MethodError(ValueError):
-    """Bad method name, option or target, reported as one line."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """A budget: remove ``rate`` of the detector's ``kind`` (params, flops or channels)."""
-
-    kind: str
-    rate: float
-
-    @classmethod
-    def parse(cls, text: str) -> Target:
-        kind, sep, rate = str(text).partition(":")
-        if not sep or kind not in TARGET_KINDS:
-            raise MethodError(
-                f"bad target '{text}': expected KIND:RATE with KIND in {', '.join(TARGET_KINDS)}"
-            )
-        try:
-            value = float(rate)
-        except ValueError:
-            raise MethodError(f"bad target '{text}': rate '{rate}' is not a number") from None
-        if not 0.0 < value < 1.0:
-            raise MethodError(f"bad target '{text}': rate must lie in (0, 1)")
-        return cls(kind, value)
-
-    def __str__(self) -> str:
-        return f"{self.kind}:{self.rate:g}"
-
-
-@dataclass
-class PruneContext:
-    """What a method may use besides the model: calibration data and the shared budget knobs."""
-
-    calibration: Sequence[tuple[list[Tensor], list[dict[str, Tensor]]]] = ()
-    seed: int = 0
-    round_to: int = 8
-    max_layer_ratio: float = 0.9
-    tolerance: float = 0.005
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    progress: bool = True
-    # the training split and batch size, for methods that train while they prune (GroupFisher)
-    train_set: Any = None
-    batch_size: int = 8
-    # scores depend only on the unpruned model, the data and the options: a runner shares this
-    # dict across the targets of one baseline so each method scores it once
-    score_cache: dict[str, Any] | None = None
-
-
-@dataclass
-class PruneReport:
-    """What a pruning did: achieved reductions, and every pruned layer's channel count."""
-
-    method: str
-    target: str
-    achieved: dict[str, float]
-    params_before: int
-    params_after: int
-    gmacs_before: float
-    gmacs_after: float
-    layers: dict[str, list[int]]
-    groups: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-    probes: int = 0
-    seconds: float = 0.0
-    notes: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+Engine = Callable[["Method", Detector, PruneContext, Target], PruneReport]
+_ENGINE: list[Engine] = []
 
 
 class Method:
-    """A pruning criterion. Subclasses set ``scope`` and return an ``Importance``."""
+    """A pruning criterion: ``importance`` plus the declarations above."""
 
     name: ClassVar[str] = ""
-    scope: ClassVar[str] = "local"  # local: same ratio per layer; global: one ranking
+    scope: ClassVar[str] = "local"
     regime: str = "plain"  # the baseline training this method's cells start from (per instance)
     defaults: ClassVar[dict[str, Any]] = {}
+    rounds: int = 1
+    channels_per_round: int | None = None
+    train_iterations: int = 0
 
     def __init__(self, **options: Any) -> None:
         unknown = set(options) - set(self.defaults)
@@ -110,8 +54,19 @@ class Method:
         """The options that shape this method's baseline training (none for the plain regime)."""
         return dict(self.options) if self.regime != "plain" else {}
 
+    def loss_hook(self, ctx: PruneContext) -> Callable[..., Tensor | None] | None:
+        """``train_loss`` as the training loop's ``extra_loss`` (None for a method that adds none,
+        so the loop need not capture neck maps)."""
+        if type(self).train_loss is Method.train_loss:
+            return None
+        return lambda model, batch, losses, neck: self.train_loss(model, ctx, batch, losses, neck)
+
     def stats(self) -> dict[str, Any]:
         """Counters a method keeps while training or scoring (LDT's skipped scales), for the rows."""
+        return {}
+
+    def scoring_notes(self, model: Detector) -> dict[str, Any]:
+        """What the last scoring found, for the report (kept with cached scores)."""
         return {}
 
     def prepare(self, model: Detector, ctx: PruneContext) -> None:
@@ -120,32 +75,23 @@ class Method:
     def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
         raise MethodError(f"method '{self.name}' defines no importance")
 
+    def training_hooks(self, model: Detector, ctx: PruneContext) -> list[Any]:
+        """Hooks for the training before a round (``before_train``/``after_backward``/``after_train``)."""
+        return []
+
     def train_loss(
-        self, model: Detector, ctx: PruneContext, batch: Any, losses: dict[str, Tensor]
+        self, model: Detector, ctx: PruneContext, batch: Batch, losses: Losses, neck: Maps | None = None
     ) -> Tensor | None:
-        """An extra (re)training loss; LDT uses it, the others add nothing."""
+        """An extra (re)training loss; ``neck``: the maps of the pass that computed ``losses``."""
         return None
 
     def prune(self, model: Detector, ctx: PruneContext, target: Target) -> PruneReport:
-        """Score once, then bisect the amount removed until the budget is met; prunes in place."""
-        from .budget import prune_to_budget, score_groups
+        """Prune ``model`` in place to ``target`` with the shared engine."""
+        return _ENGINE[0](self, model, ctx, target)
 
-        start = time.perf_counter()
-        key = json.dumps(
-            [self.name, self.options, len(ctx.calibration), ctx.seed], sort_keys=True, default=str
-        )
-        cache = ctx.score_cache if ctx.score_cache is not None else {}
-        cached = key in cache
-        if not cached:
-            self.prepare(model, ctx)
-            cache[key] = (score_groups(model, self.importance(model, ctx)), time.perf_counter() - start)
-        groups, scoring_seconds = cache[key]
-        report = prune_to_budget(model, groups, target, ctx, scope=self.scope)
-        report.method = self.name
-        # a cached score still cost its scoring time: count it, so every row's time is comparable
-        report.seconds = time.perf_counter() - start + (scoring_seconds if cached else 0.0)
-        report.notes |= {"scoring_seconds": scoring_seconds, "scores_cached": cached}
-        return report
+
+def use_engine(engine: Engine) -> None:
+    _ENGINE[:] = [engine]
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:

@@ -1,140 +1,46 @@
-"""Matched budgets (DESIGN.md §6): score once, then bisect how much to remove.
+"""Matched budgets (DESIGN.md §6): which channels a round removes so the target is met.
 
-Every method's scores become one ordered list of removal steps. A step removes ``round_to``
-channels (the lowest-scored remaining ones) from one dependency group. Local scope orders the
-steps by the fraction of the group they leave removed, so every layer loses the same share up to
-one step; global scope orders them by score. The achieved reduction only grows along that list,
-so bisection over its length finds the prefix closest to the target; steps are small enough that
-the closest prefix is within ``tolerance`` (0.5 points) on any realistic network.
+A round's scores become one ordered list of removal steps. A step removes ``round_to`` channels
+(the lowest-scored remaining ones) from one dependency group (the first step of a group brings it
+to a multiple of ``round_to``). Local scope orders the steps by the share of the group they leave
+removed, so every layer loses the same share up to one step; global scope orders them by score.
+No group goes below ``1 - max_layer_ratio`` of its *original* width, however many rounds it has
+been through. The achieved reduction only grows along the list, so a search over its length
+finds the prefix closest to a goal; each probe removes the channels on a copy and measures it.
+Steps are small enough that the closest prefix is within ``tolerance`` (0.5 points) on any
+realistic network; when coarse steps miss it, the fill step adds later steps that still fit.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import torch
-import torch_pruning as tp
-from fvcore.nn import FlopCountAnalysis
-from torch import Tensor, nn
+from detectors.base import Detector
 
-from detectors.base import Detector, layer_widths
+from .groups import GroupScores, apply_removal
+from .sizes import count_params, measure_size  # noqa: F401  (count_params: its callers' old home)
+from .types import MethodError, Target
 
-from .base import MethodError, PruneContext, PruneReport, Target
-
-ROOT_TYPES = (nn.Conv2d, nn.Linear)
-
-
-@dataclass
-class GroupScores:
-    """One dependency group: the root layer, the layers coupled to it, channels by ascending score.
-
-    ``members`` lose output channels at the same indices as the root (the root included);
-    ``consumers`` lose the matching input channels.
-    """
-
-    root: str
-    members: list[str]
-    order: Tensor
-    sorted_scores: Tensor
-    consumers: list[str] = field(default_factory=list)
-
-
-class _Core(nn.Module):
-    """``detector.core`` as a module's forward, for tracers that call ``forward``."""
-
-    def __init__(self, detector: Detector) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
-        return self.detector.core(x)
-
-
-def dependency_graph(model: Detector) -> tp.DependencyGraph:
-    """torch-pruning traces with autograd, so grad mode is forced on here."""
-    with torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(
-            model, example_inputs=model.example_input(), forward_fn=lambda m, x: m.core(x), verbose=False
-        )
-
-
-def prunable_groups(model: Detector, graph: tp.DependencyGraph):
-    """The groups every method scores: rooted at a conv/linear whose outputs are not fixed."""
-    return graph.get_all_groups(ignored_layers=model.prune_ignored(), root_module_types=ROOT_TYPES)
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def count_gmacs(model: Detector, shape: tuple[int, int] | None = None) -> float:
-    """fvcore's count (one multiply-add = one) of ``core`` at batch 1, in billions.
-
-    At the model's square ``input_size`` unless ``shape`` gives ``(height, width)``: papers state
-    FLOPs at non-square inputs too (MMDetection's 1280 x 800).
-    """
-    was_training = model.training
-    model.eval()
-    x = model.example_input()
-    if shape is not None:
-        x = x.new_zeros(1, 3, *shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        analysis = FlopCountAnalysis(_Core(model), x)
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        total = analysis.total()
-    model.train(was_training)
-    return total / 1e9
-
-
-def count_channels(model: Detector) -> int:
-    """Output channels of the prunable convolutions (DCODP's ratio of filters)."""
-    fixed = {id(m) for m in model.prune_ignored()}
-    return sum(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d) and id(m) not in fixed)
-
-
-def score_groups(model: Detector, importance: tp.importance.Importance) -> list[GroupScores]:
-    """Score every prunable group once, on the unpruned model."""
-    was_training = model.training
-    model.eval()
-    graph = dependency_graph(model)
-    names = {m: n for n, m in model.named_modules()}
-    groups = []
-    for group in prunable_groups(model, graph):
-        with torch.no_grad():
-            scores = importance(group)
-        if scores is None:
-            continue
-        scores = scores.detach().double().cpu()
-        root = names[group[0].dep.target.module]
-        if not torch.isfinite(scores).all():
-            raise MethodError(f"importance of group '{root}' is not finite")
-        sorted_scores, order = torch.sort(scores, stable=True)
-        layers = [
-            (dep, names[dep.target.module]) for dep, _ in group if isinstance(dep.target.module, ROOT_TYPES)
-        ]
-        members = [n for dep, n in layers if graph.is_out_channel_pruning_fn(dep.handler)]
-        consumers = [n for dep, n in layers if graph.is_in_channel_pruning_fn(dep.handler)]
-        groups.append(GroupScores(root, members, order, sorted_scores, consumers))
-    model.train(was_training)
-    return groups
+Step = tuple[int, int]  # (group index, channels removed from it after this step)
 
 
 def removal_steps(
-    groups: list[GroupScores], scope: str, round_to: int = 8, max_layer_ratio: float = 0.9
-) -> list[tuple[int, int]]:
-    """The ordered steps ``(group index, channels removed from it after this step)``."""
+    groups: list[GroupScores],
+    scope: str,
+    round_to: int = 8,
+    max_layer_ratio: float = 0.9,
+    original: dict[str, int] | None = None,
+) -> list[Step]:
+    """The ordered steps; ``original`` widths (by root) cap the groups (default: today's widths)."""
     if scope not in ("local", "global"):
         raise MethodError(f"scope must be 'local' or 'global', not '{scope}'")
     keyed = []
     for gi, g in enumerate(groups):
         size = len(g.order)
-        min_keep = max(1, math.ceil(size * (1 - max_layer_ratio)))
+        orig = (original or {}).get(g.root, size)
+        min_keep = max(1, math.ceil(orig * (1 - max_layer_ratio)))
         keep = size
         while True:
             keep = (keep - 1) // round_to * round_to  # next multiple of round_to below
@@ -147,36 +53,33 @@ def removal_steps(
     return [(gi, removed) for _, gi, removed in keyed]
 
 
-def apply_removal(model: Detector, groups: list[GroupScores], counts: dict[int, int]) -> None:
-    """Remove the ``counts[g]`` lowest-scored channels of each group, in place."""
-    graph = dependency_graph(model)
-    modules = dict(model.named_modules())
-    for gi, n in sorted(counts.items()):
-        if n <= 0:
-            continue
-        g = groups[gi]
-        layer = modules[g.root]
-        pruner = graph.get_pruner_of_module(layer)
-        graph.get_pruning_group(layer, pruner.prune_out_channels, g.order[:n].tolist()).prune()
-
-
-def _counts(steps: list[tuple[int, int]], prefix: int) -> dict[int, int]:
-    counts: dict[int, int] = {}
+def prefix_counts(groups: list[GroupScores], steps: list[Step], prefix: int) -> dict[str, int]:
+    """Channels removed per group root after the first ``prefix`` steps."""
+    counts: dict[str, int] = {}
     for gi, removed in steps[:prefix]:
-        counts[gi] = max(counts.get(gi, 0), removed)
+        root = groups[gi].root
+        counts[root] = max(counts.get(root, 0), removed)
     return counts
 
 
-def measure_size(model: Detector, kind: str) -> float:
-    """The model's size in a target's unit: parameters, GMACs or prunable output channels."""
-    if kind == "params":
-        return float(count_params(model))
-    if kind == "flops":
-        return count_gmacs(model)
-    return float(count_channels(model))
+class SizeProbe:
+    """The reduction (against ``size0``) that removing ``counts`` channels would reach, measured
+    on a copy of ``model``; cached by the counts (which channels go does not change the size)."""
+
+    def __init__(self, model: Detector, kind: str, size0: float) -> None:
+        self.model, self.kind, self.size0 = model, kind, size0
+        self.cache: dict[tuple, float] = {}
+
+    def __call__(self, groups: list[GroupScores], counts: dict[str, int]) -> float:
+        key = tuple(sorted((r, n) for r, n in counts.items() if n > 0))
+        if key not in self.cache:
+            probe = copy.deepcopy(self.model)
+            apply_removal(probe, groups, counts)
+            self.cache[key] = 1.0 - measure_size(probe, self.kind) / self.size0
+        return self.cache[key]
 
 
-def _search(reduction: Callable[[int], float], lo: int, hi: int, target: float, good: float) -> int:
+def search(reduction: Callable[[int], float], lo: int, hi: int, target: float, good: float) -> int:
     """The prefix whose reduction is closest to ``target``, for a non-decreasing ``reduction``.
 
     Interpolation between the bracket's ends (the reduction is nearly linear in the prefix
@@ -202,62 +105,75 @@ def _search(reduction: Callable[[int], float], lo: int, hi: int, target: float, 
     return min((lo, hi), key=lambda p: abs(reduction(p) - target))
 
 
-def prune_to_budget(
-    model: Detector, groups: list[GroupScores], target: Target, ctx: PruneContext, scope: str
-) -> PruneReport:
-    """Bisect the number of steps until the achieved reduction is closest to the target."""
-    steps = removal_steps(groups, scope, ctx.round_to, ctx.max_layer_ratio)
-    before = measure_size(model, target.kind)
-    cache: dict[int, float] = {}
+def plan_round(
+    groups: list[GroupScores],
+    steps: list[Step],
+    probe: SizeProbe,
+    target: Target,
+    tolerance: float,
+    goal: float,
+    limit: int | None = None,
+    final: bool = True,
+) -> tuple[dict[str, int], float]:
+    """The channels one round removes and the reduction they reach.
+
+    The prefix of at most ``limit`` steps closest to ``goal``; never past ``target`` by more than
+    ``tolerance``. In the ``final`` round (or when the round reaches the target) a miss of more
+    than the tolerance goes on from the prefix below the target with the fill step, then fails.
+    """
 
     def reduction(prefix: int) -> float:
-        if prefix not in cache:
-            probe = copy.deepcopy(model)
-            apply_removal(probe, groups, _counts(steps, prefix))
-            cache[prefix] = 1.0 - measure_size(probe, target.kind) / before
-        return cache[prefix]
+        return probe(groups, prefix_counts(groups, steps, prefix))
 
-    cache[0] = 0.0
-    lo, hi = 0, len(steps)
-    if reduction(hi) < target.rate - ctx.tolerance:
+    limit = len(steps) if limit is None else min(limit, len(steps))
+    if final and reduction(len(steps)) < target.rate - tolerance:
         raise MethodError(
-            f"{target} is out of reach: removing all allowed channels (max_layer_ratio="
-            f"{ctx.max_layer_ratio}) saves {reduction(hi):.1%}"
+            f"{target} is out of reach: removing every channel this method scores saves "
+            f"{reduction(len(steps)):.1%}"
         )
-    best = _search(reduction, lo, hi, target.rate, ctx.tolerance / 2)
-    if abs(reduction(best) - target.rate) > ctx.tolerance:
-        raise MethodError(
-            f"{target}: the closest achievable reduction is {reduction(best):.2%}; lower round_to"
-        )
+    best = search(reduction, 0, limit, goal, tolerance / 2)
+    if reduction(best) > target.rate + tolerance or (
+        final and abs(reduction(best) - target.rate) > tolerance
+    ):
+        below = search(reduction, 0, limit, target.rate, tolerance / 2)
+        while below > 0 and reduction(below) > target.rate:
+            below -= 1
+        counts, value = fill(groups, steps, below, probe, target, tolerance)
+        if final and abs(value - target.rate) > tolerance:
+            raise MethodError(f"{target}: the closest achievable reduction is {value:.2%}; lower round_to")
+        return counts, value
+    return prefix_counts(groups, steps, best), reduction(best)
 
-    widths_before = layer_widths(model)
-    params_before, gmacs_before, channels_before = (
-        count_params(model),
-        count_gmacs(model),
-        count_channels(model),
-    )
-    counts = _counts(steps, best)
-    apply_removal(model, groups, counts)
-    params_after, gmacs_after, channels_after = count_params(model), count_gmacs(model), count_channels(model)
-    widths_after = layer_widths(model)
-    layers = {
-        name: [w["out_channels"], widths_after[name]["out_channels"]]
-        for name, w in widths_before.items()
-        if "out_channels" in w and w["out_channels"] != widths_after[name]["out_channels"]
-    }
-    return PruneReport(
-        method="",
-        target=str(target),
-        achieved={
-            "params": 1 - params_after / params_before,
-            "flops": 1 - gmacs_after / gmacs_before,
-            "channels": 1 - channels_after / channels_before,
-        },
-        params_before=params_before,
-        params_after=params_after,
-        gmacs_before=gmacs_before,
-        gmacs_after=gmacs_after,
-        layers=layers,
-        groups={g.root: {"members": g.members, "consumers": g.consumers} for g in groups},
-        probes=len(cache),
-    )
+
+def fill(
+    groups: list[GroupScores],
+    steps: list[Step],
+    start: int,
+    probe: SizeProbe,
+    target: Target,
+    tolerance: float,
+    max_probes: int = 40,
+) -> tuple[dict[str, int], float]:
+    """From the prefix ``start`` (below the target), add the later steps that still fit, in
+    order, until within ``tolerance``; a group whose next step overshoots adds nothing more."""
+    counts = prefix_counts(groups, steps, start)
+    value, blocked, probes = probe(groups, counts), set(), 0
+    for gi, removed in steps[start:]:
+        root = groups[gi].root
+        if abs(value - target.rate) <= tolerance or probes >= max_probes:
+            break
+        if root in blocked or removed <= counts.get(root, 0):
+            continue
+        trial = {**counts, root: removed}
+        reached, probes = probe(groups, trial), probes + 1
+        if reached > target.rate + tolerance:
+            blocked.add(root)
+            continue
+        counts, value = trial, reached
+    return counts, value
+
+
+def largest_removal(groups: list[GroupScores], round_to: int, max_layer_ratio: float) -> dict[str, int]:
+    """Every group at its smallest allowed width: the most any method may remove."""
+    steps = removal_steps(groups, "local", round_to, max_layer_ratio)
+    return prefix_counts(groups, steps, len(steps))

@@ -16,13 +16,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch_pruning as tp
 from torch import Tensor
 
-from detectors.base import Detector
-
-from .activations import LayerScoreImportance, capture
-from .base import Method, PruneContext, register
+from .activations import FeatureMapCriterion
+from .base import register
 
 
 def _nuclear_from_eigenvalues(eigenvalues: Tensor, scale: Tensor) -> Tensor:
@@ -55,9 +52,9 @@ def nuclear_norm_drops(feats: Tensor) -> Tensor:
     a = feats.reshape(n, c, -1).to(torch.float64)
     pixels_side = a.shape[-1] < c
     gram = a.transpose(1, 2) @ a if pixels_side else a @ a.transpose(1, 2)  # [N, P, P], P = min(C, HW)
-    keep = torch.arange(c).expand(c, c)
-    keep = keep[~torch.eye(c, dtype=torch.bool)].view(c, c - 1)  # row c: every index but c
-    drops = torch.empty(n, c, dtype=torch.float64)
+    keep = torch.arange(c, device=a.device).expand(c, c)
+    keep = keep[~torch.eye(c, dtype=torch.bool, device=a.device)].view(c, c - 1)  # row c: every index but c
+    drops = torch.empty(n, c, dtype=torch.float64, device=a.device)
     with lapack_single_thread():
         for i in range(n):  # per image bounds memory at C·P² floats
             full = torch.linalg.eigvalsh(gram[i])
@@ -77,12 +74,5 @@ def chip_scores(feats: Tensor) -> Tensor:
 
 
 @register("chip")
-class CHIP(Method):
-    scope = "local"
-
-    def prepare(self, model: Detector, ctx: PruneContext) -> None:
-        self.layer_scores = capture(model, ctx.calibration, nuclear_norm_drops, progress=ctx.progress)
-
-    def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
-        # a single-layer criterion: the group is scored by the layer whose filters it prunes
-        return LayerScoreImportance(model, self.layer_scores, root_only=True)
+class CHIP(FeatureMapCriterion):
+    reducer = staticmethod(nuclear_norm_drops)  # per-image scores; the capture averages them

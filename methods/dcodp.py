@@ -11,13 +11,10 @@ same Gram-matrix speed-up as CHIP.
 
 from __future__ import annotations
 
-import torch_pruning as tp
 from torch import Tensor
 
-from detectors.base import Detector
-
-from .activations import LayerScoreImportance, capture
-from .base import Method, PruneContext, register
+from .activations import FeatureMapCriterion
+from .base import register
 from .chip import nuclear_norm_drops
 
 
@@ -32,12 +29,11 @@ def coupling_scores(feats: Tensor) -> Tensor:
 
 
 @register("dcodp")
-class DCODP(Method):
-    scope = "local"
+class DCODP(FeatureMapCriterion):
     defaults = {"parent_only": False}
 
-    def prepare(self, model: Detector, ctx: PruneContext) -> None:
-        self.layer_scores = capture(model, ctx.calibration, coupling_per_image, progress=ctx.progress)
+    @property
+    def root_only(self) -> bool:  # the ablation: score from the parent layer alone
+        return bool(self.options["parent_only"])
 
-    def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
-        return LayerScoreImportance(model, self.layer_scores, root_only=self.options["parent_only"])
+    reducer = staticmethod(coupling_per_image)

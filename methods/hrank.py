@@ -10,13 +10,10 @@ SiLU or LeakyReLU almost every map is full rank, so scores tie.
 from __future__ import annotations
 
 import torch
-import torch_pruning as tp
 from torch import Tensor
 
-from detectors.base import Detector
-
-from .activations import LayerScoreImportance, capture
-from .base import Method, PruneContext, register
+from .activations import FeatureMapCriterion
+from .base import register
 
 
 def hrank_ranks(feats: Tensor) -> Tensor:
@@ -30,12 +27,5 @@ def hrank_scores(feats: Tensor) -> Tensor:
 
 
 @register("hrank")
-class HRank(Method):
-    scope = "local"
-
-    def prepare(self, model: Detector, ctx: PruneContext) -> None:
-        self.layer_scores = capture(model, ctx.calibration, hrank_ranks, progress=ctx.progress)
-
-    def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
-        # a single-layer criterion: the group is scored by the layer whose filters it prunes
-        return LayerScoreImportance(model, self.layer_scores, root_only=True)
+class HRank(FeatureMapCriterion):
+    reducer = staticmethod(hrank_ranks)  # per-image scores; the capture averages them

@@ -6,7 +6,8 @@ import torch_pruning as tp
 
 from detectors.base import Detector
 
-from .base import Method, PruneContext, register
+from .base import Method, register
+from .types import PruneContext
 
 
 @register("l1")

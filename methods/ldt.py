@@ -3,17 +3,16 @@
 Two halves, both driven by the ground-truth boxes:
 
 * **Training** (``regime = "ldt"``): ``train_loss`` adds ``α L_LD + β L_cov`` on the neck
-  features of the same forward pass that computed the detection losses. A forward hook on
-  ``model.neck`` (registered on first use, moved when the model object changes, inert in deep
-  copies) keeps the latest training-time neck outputs; only the very first batch after the hook
-  is attached has to recompute them (``core`` on the same batch, in the same mode).
+  features of the same forward pass that computed the detection losses: the shared training
+  loop hands it that pass's neck maps. (Called directly without them, it recomputes them:
+  ``core`` on the same batch, in the same mode.)
 * **Scoring**: ``prepare`` pools the calibration instances per neck scale and solves the
   discriminant problem once (``ν``, ``V``); ``importance`` makes one forward/backward pass per
   calibration batch in which every prunable layer's output maps ``F`` and ``dD/dF`` (or
   ``dL_det/dF``) are captured, and accumulates ``I_{l,c} = Σ_n Σ_p A_n(p) |w_{l,c,n} F_{l,c,n}(p)|``
   with ``w = mean_{x,y} dD/dF``. Scores are summed over each torch-pruning group; global scope.
   With the discriminant utility, layers that ``D`` never reaches (the head, after the neck) get
-  no score and are left unpruned; they are named in the report's notes.
+  no score and are left unpruned; the engine names them in the report's notes.
 
 Every constant is an option (``defaults``); the ablation switches are ``ldt_training``,
 ``utility`` ("discriminant" | "detection") and ``location_attention``.
@@ -22,13 +21,10 @@ Every constant is an option (``defaults``); the ablation switches are ``ldt_trai
 from __future__ import annotations
 
 import copy
-import json
-import math
 import weakref
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,161 +34,28 @@ from tqdm.auto import tqdm
 
 from detectors.base import Detector
 
-from .base import Method, MethodError, PruneContext, PruneReport, Target, register
-from .budget import ROOT_TYPES
+from .base import Method, register
+from .groups import NORMS, ROOT_TYPES, ChannelScores, fixed_layers
 from .ldt_math import (
     FEW_CLASSES,
     NONFINITE,
     SKIP_REASONS,
     DegenerateScatter,
-    box_cells,
+    Instances,
     check_classes,
     covariance_penalty,
     discriminants,
     discriminating_power,
-    instance_features,
     ld_loss,
     location_attention,
+    map_instances,
 )
+from .training import neck_maps
+from .types import Batch, Losses, Maps, MethodError, PruneContext
 
 UTILITIES = ("discriminant", "detection")
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d)
-
-
-def neck_maps(output: Any) -> list[Tensor]:
-    """The per-scale maps of a neck's output: a tensor, a list/tuple, or a (Ordered)dict."""
-    if isinstance(output, Tensor):
-        return [output]
-    if isinstance(output, dict):
-        return list(output.values())
-    if isinstance(output, (list, tuple)) and all(isinstance(t, Tensor) for t in output):
-        return list(output)
-    raise MethodError(f"ldt: the neck returned {type(output).__name__}, not feature maps")
-
-
-@dataclass
-class Instances:
-    """A batch's usable ground truth in the pixels of the tensor the network sees."""
-
-    boxes: list[Tensor]  # per image, [K_b, 4] xyxy
-    labels: list[Tensor]  # per image, [K_b]
-    extents: list[tuple[float, float]]  # per image, (h, w) of the resized image inside the tensor
-    tensor_hw: tuple[int, int]
-
-    @property
-    def y(self) -> Tensor:
-        return torch.cat(self.labels) if self.labels else torch.zeros(0, dtype=torch.int64)
-
-    @property
-    def image(self) -> Tensor:
-        """The batch index of every instance."""
-        counts = torch.tensor([len(b) for b in self.boxes], dtype=torch.long)
-        return torch.repeat_interleave(torch.arange(len(self.boxes)), counts)
-
-    def cells(self, stride: float, map_hw: Sequence[int]) -> Tensor:
-        """``box_cells`` of every instance, clipped to the map and to its image (not the padding)."""
-        limits = [
-            (
-                max(1, min(int(map_hw[0]), math.ceil(h / stride))),
-                max(1, min(int(map_hw[1]), math.ceil(w / stride))),
-            )
-            for h, w in self.extents
-        ]
-        counts = torch.tensor([len(b) for b in self.boxes], dtype=torch.long)
-        per_box = torch.tensor(limits, dtype=torch.long).reshape(-1, 2).repeat_interleave(counts, dim=0)
-        boxes = torch.cat(self.boxes) if self.boxes else torch.zeros(0, 4)
-        return box_cells(boxes, stride, per_box)
-
-    def features(self, feat: Tensor, stride: float) -> Tensor:
-        """The ``[K, C]`` location-aware features of these instances on one neck map."""
-        return instance_features(feat, self.cells(stride, feat.shape[-2:]), self.image)
-
-
-def map_instances(
-    images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]], tensor_hw: Sequence[int]
-) -> tuple[Instances, int]:
-    """Targets (each image's own pixels) -> boxes in the preprocessed tensor's pixels.
-
-    Each image is scaled by ``min(T_h / H, T_w / W)``: exact for an aspect-preserving resize
-    whose limiting side is not padded (torchvision's transform with ``min_size = max_size``,
-    a size divisible by 32). Boxes that lie outside the image, are inverted or not finite are
-    dropped; returns the instances and how many boxes were dropped.
-    """
-    th, tw = int(tensor_hw[0]), int(tensor_hw[1])
-    boxes, labels, extents, dropped = [], [], [], 0
-    for image, target in zip(images, targets, strict=True):
-        h, w = image.shape[-2:]
-        scale = min(th / h, tw / w)
-        b = target["boxes"].detach().to(torch.float32).reshape(-1, 4)
-        keep = (
-            torch.isfinite(b).all(dim=1)
-            & (b[:, 2] >= b[:, 0])
-            & (b[:, 3] >= b[:, 1])
-            & (b[:, 0] < w)
-            & (b[:, 1] < h)
-            & (b[:, 2] > 0)
-            & (b[:, 3] > 0)
-        )
-        dropped += int((~keep).sum())
-        boxes.append(b[keep] * scale)
-        labels.append(target["labels"][keep])
-        extents.append((h * scale, w * scale))
-    return Instances(boxes, labels, extents, (th, tw)), dropped
-
-
-class _NeckTap:
-    """The training-time forward hook on ``model.neck``: hands its latest outputs to LDT.
-
-    Holds LDT weakly; a deep copy (the budget's probes copy the model) or a pickle of the model
-    carries an inert tap, so the copy neither drags the method along nor writes into it.
-    """
-
-    def __init__(self, owner: LDT | None) -> None:
-        self._owner = weakref.ref(owner) if owner is not None else None
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        owner = self._owner() if self._owner is not None else None
-        if owner is not None and module.training and torch.is_grad_enabled():
-            owner._latest = output
-
-    def __deepcopy__(self, memo: dict) -> _NeckTap:
-        return _NeckTap(None)
-
-    def __reduce__(self) -> tuple:
-        return (_NeckTap, (None,))
-
-
-class TracedImportance(tp.importance.Importance):
-    """Precomputed per-layer channel scores, summed over each group's output-channel members.
-
-    A group none of whose members received a score (unreached by the traced objective) gets
-    ``None``, which the budget reads as "never prune"; such groups are listed in ``unscored``.
-    """
-
-    def __init__(self, scores: dict[nn.Module, Tensor]) -> None:
-        self.scores = scores
-        self.unscored: list[nn.Module] = []
-
-    @torch.no_grad()
-    def __call__(self, group, **kwargs) -> Tensor | None:
-        graph = getattr(group, "_DG", None)
-        total = torch.zeros(len(group[0].idxs), dtype=torch.float64)
-        found = False
-        for i, (dep, idxs) in enumerate(group):
-            layer = dep.target.module
-            if not isinstance(layer, nn.Module) or layer not in self.scores:
-                continue
-            if graph is not None and not graph.is_out_channel_pruning_fn(dep.handler):
-                continue  # a consumer's input channels: its producer is already counted
-            root_idxs = group[i].root_idxs
-            if any(r is None for r in root_idxs):
-                continue
-            total.index_add_(0, torch.tensor(root_idxs), self.scores[layer][torch.tensor(idxs)])
-            found = True
-        if not found:
-            self.unscored.append(group[0].dep.target.module)
-            return None
-        return total
+# kept in eval mode while the detection utility runs the losses: statistics and randomness fixed
+_FROZEN_WHEN_TRACING = (*NORMS, nn.Dropout, nn.Dropout2d)
 
 
 def _new_counters() -> dict[str, dict[str, int]]:
@@ -220,7 +83,7 @@ def _scoring_mode(model: nn.Module, utility: str) -> Iterator[None]:
         if utility == "detection":
             model.train()
             for m in model.modules():
-                if isinstance(m, _NORM_TYPES):
+                if isinstance(m, _FROZEN_WHEN_TRACING):
                     m.eval()
         else:
             model.eval()
@@ -268,10 +131,7 @@ class LDT(Method):
         self.counters = _new_counters()
         self.discriminants: list[tuple[Tensor, Tensor] | None] = []
         self.summary: list[dict[str, Any]] = []
-        self._latest: Any = None
-        self._tap: tuple[weakref.ref, Any] | None = None
         self._tensor_sizes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._importance: TracedImportance | None = None
 
     def regime_options(self) -> dict[str, Any]:
         """The options that shape the LDT baseline's training; the scoring switches do not."""
@@ -321,44 +181,25 @@ class LDT(Method):
         return inst
 
     # -- training --------------------------------------------------------------------------------
-    def _attach(self, model: Detector) -> None:
-        """Hook ``model.neck`` unless it already is; a new model (or neck) moves the hook."""
-        neck = model.neck
-        if self._tap is not None and self._tap[0]() is neck:
-            return
-        self.detach()
-        self._tap = (weakref.ref(neck), neck.register_forward_hook(_NeckTap(self)))
-
-    def detach(self) -> None:
-        """Remove the training hook (the model stays usable; a later ``train_loss`` re-attaches)."""
-        if self._tap is not None:
-            self._tap[1].remove()
-        self._tap, self._latest = None, None
-
-    def _training_maps(self, model: Detector, images: list[Tensor]) -> list[Tensor]:
-        self._attach(model)
-        output, self._latest = self._latest, None
-        maps = neck_maps(output) if output is not None else []
-        if not maps or maps[0].shape[0] != len(images) or not maps[0].requires_grad:
-            # the hook was only just attached: the same batch through the same network in the
-            # same mode gives the loss pass's neck values (BN uses this batch's statistics)
-            self.counters["train"]["recomputed"] += 1
+    def _recomputed_maps(self, model: Detector, images: list[Tensor]) -> list[Tensor]:
+        """The neck maps of ``images`` through the same network in the same mode (a direct call:
+        the shared loop hands the loss pass's own maps instead)."""
+        self.counters["train"]["recomputed"] += 1
+        with _capture(model.neck) as outs:
             model.core(model.preprocess(images))
-            output, self._latest = self._latest, None
-            if output is None:
-                raise MethodError("ldt: model.neck did not run in core(), or not with gradients")
-            maps = neck_maps(output)
-        return maps
+        if not outs:
+            raise MethodError("ldt: model.neck did not run in core()")
+        return neck_maps(outs[-1])
 
     def train_loss(
-        self, model: Detector, ctx: PruneContext, batch: Any, losses: dict[str, Tensor]
+        self, model: Detector, ctx: PruneContext, batch: Batch, losses: Losses, neck: Maps | None = None
     ) -> Tensor | None:
         """``α Σ_s L_LD^s + β Σ_s L_cov^s`` on this batch's neck features; None if all skipped."""
         if not self.options["ldt_training"]:
             return None
         images, targets = batch
         images = list(images)
-        maps = self._training_maps(model, images)
+        maps = neck if neck else self._recomputed_maps(model, images)
         counter = self.counters["train"]
         inst = self._instances(images, targets, self._tensor_hw(model, images), counter)
         y = inst.y
@@ -472,7 +313,7 @@ class LDT(Method):
         if not ctx.calibration:
             raise MethodError("ldt: needs calibration images with boxes (ctx.calibration is empty)")
         device = next(model.parameters()).device
-        fixed = {id(m) for m in model.prune_ignored()}
+        fixed = fixed_layers(model)
         layers = [m for m in model.modules() if isinstance(m, ROOT_TYPES) and id(m) not in fixed]
         scores: dict[nn.Module, Tensor] = {}
         records: dict[nn.Module, list[Tensor]] = defaultdict(list)
@@ -513,7 +354,6 @@ class LDT(Method):
             for h in handles:
                 h.remove()
             records.clear()
-            self._latest = None  # a training tap may have seen these passes: never reuse them
         return scores
 
     def _layer_importance(self, F: Tensor, grad: Tensor, inst: Instances, cache: dict) -> Tensor:
@@ -529,37 +369,14 @@ class LDT(Method):
         return (w * per).sum(dim=0)
 
     def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
-        self._importance = TracedImportance(self.trace(model, ctx))
-        return self._importance
+        names = {m: n for n, m in model.named_modules()}
+        return ChannelScores(model, {names[m]: s for m, s in self.trace(model, ctx).items()})
 
-    def prune(self, model: Detector, ctx: PruneContext, target: Target) -> PruneReport:
-        """The shared score-then-bisect, plus LDT's notes: discriminants, unscored groups, skips.
-
-        Where the runner shares scores across targets (``ctx.score_cache``), the scoring notes
-        are shared with them, so a cached cell reports the same discriminants.
-        """
-        self._importance = None
-        report = super().prune(model, ctx, target)
-        cache = getattr(ctx, "score_cache", None)
-        key = "ldt-notes:" + json.dumps(
-            [self.options, len(ctx.calibration), ctx.seed], sort_keys=True, default=str
-        )
-        if self._importance is not None:  # scored here, not taken from the cache
-            names = {m: n for n, m in model.named_modules()}
-            scoring = {
-                "discriminants": self.summary,
-                "unscored_groups": sorted(names.get(m, "?") for m in self._importance.unscored),
-                "trace_counters": copy.deepcopy(self.counters["trace"]),
-            }
-            if cache is not None:
-                cache[key] = scoring
-        else:
-            scoring = cache.get(key, {}) if cache is not None else {}
-        report.notes["ldt"] = {
+    def scoring_notes(self, model: Detector) -> dict[str, Any]:
+        """The discriminants per scale and the tracing counters (the training counters are in
+        ``stats``: the runner stores them after fine-tuning)."""
+        return {
             "options": dict(self.options),
-            **scoring,
-            # live: the runner serialises the report after fine-tuning, so the re-training
-            # phase's batches and skips are in the stored row
-            "train_counters": self.counters["train"],
+            "discriminants": self.summary,
+            "trace_counters": copy.deepcopy(self.counters["trace"]),
         }
-        return report

@@ -12,7 +12,9 @@ runs in float64.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -236,3 +238,76 @@ def location_attention(
     ry = (ys[None, :] - cy[:, None]).abs() / hh[:, None]  # [K, H]
     rho = torch.maximum(ry[:, :, None], rx[:, None, :])  # [K, H, W]
     return torch.exp(-a * rho.pow(b)).amax(dim=0)
+
+
+# -- ground truth in the tensor the network sees ---------------------------------------------
+
+
+@dataclass
+class Instances:
+    """A batch's usable ground truth in the pixels of the tensor the network sees."""
+
+    boxes: list[Tensor]  # per image, [K_b, 4] xyxy
+    labels: list[Tensor]  # per image, [K_b]
+    extents: list[tuple[float, float]]  # per image, (h, w) of the resized image inside the tensor
+    tensor_hw: tuple[int, int]
+
+    @property
+    def y(self) -> Tensor:
+        return torch.cat(self.labels) if self.labels else torch.zeros(0, dtype=torch.int64)
+
+    @property
+    def image(self) -> Tensor:
+        """The batch index of every instance."""
+        counts = torch.tensor([len(b) for b in self.boxes], dtype=torch.long)
+        return torch.repeat_interleave(torch.arange(len(self.boxes)), counts)
+
+    def cells(self, stride: float, map_hw: Sequence[int]) -> Tensor:
+        """``box_cells`` of every instance, clipped to the map and to its image (not the padding)."""
+        limits = [
+            (
+                max(1, min(int(map_hw[0]), math.ceil(h / stride))),
+                max(1, min(int(map_hw[1]), math.ceil(w / stride))),
+            )
+            for h, w in self.extents
+        ]
+        counts = torch.tensor([len(b) for b in self.boxes], dtype=torch.long)
+        per_box = torch.tensor(limits, dtype=torch.long).reshape(-1, 2).repeat_interleave(counts, dim=0)
+        boxes = torch.cat(self.boxes) if self.boxes else torch.zeros(0, 4)
+        return box_cells(boxes, stride, per_box)
+
+    def features(self, feat: Tensor, stride: float) -> Tensor:
+        """The ``[K, C]`` location-aware features of these instances on one neck map."""
+        return instance_features(feat, self.cells(stride, feat.shape[-2:]), self.image)
+
+
+def map_instances(
+    images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]], tensor_hw: Sequence[int]
+) -> tuple[Instances, int]:
+    """Targets (each image's own pixels) -> boxes in the preprocessed tensor's pixels.
+
+    Each image is scaled by ``min(T_h / H, T_w / W)``: exact for an aspect-preserving resize
+    whose limiting side is not padded (torchvision's transform with ``min_size = max_size``,
+    a size divisible by 32). Boxes that lie outside the image, are inverted or not finite are
+    dropped; returns the instances and how many boxes were dropped.
+    """
+    th, tw = int(tensor_hw[0]), int(tensor_hw[1])
+    boxes, labels, extents, dropped = [], [], [], 0
+    for image, target in zip(images, targets, strict=True):
+        h, w = image.shape[-2:]
+        scale = min(th / h, tw / w)
+        b = target["boxes"].detach().to(torch.float32).reshape(-1, 4)
+        keep = (
+            torch.isfinite(b).all(dim=1)
+            & (b[:, 2] >= b[:, 0])
+            & (b[:, 3] >= b[:, 1])
+            & (b[:, 0] < w)
+            & (b[:, 1] < h)
+            & (b[:, 2] > 0)
+            & (b[:, 3] > 0)
+        )
+        dropped += int((~keep).sum())
+        boxes.append(b[keep] * scale)
+        labels.append(target["labels"][keep])
+        extents.append((h * scale, w * scale))
+    return Instances(boxes, labels, extents, (th, tw)), dropped

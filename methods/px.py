@@ -52,20 +52,13 @@ over its weights plus its batch-norm γ, summed over the dependency group's outp
 (the filters removed together). Both terms measure the same flow through the channel (every path
 through it crosses one weight of the filter and γ), so this is twice that flow; the consumers'
 input slices would count it once more and are left out, as the design says. Global ranking;
-``rounds`` rounds, each rescoring the pruned network and removing an equal share of the
-remaining budget (a search over the shared removal steps, on copies), the last one landing
-within ``ctx.tolerance`` (when coarse ``round_to`` steps make every prefix miss, later steps
-that still fit are added one by one). ``round_to`` and ``max_layer_ratio`` (against the
-*original* widths) as for every method. Round 0 scores the unpruned model, so its scores go to
-``ctx.score_cache`` and are shared by the targets of one baseline.
+``rounds`` rounds (declared to the shared engine), each rescoring the pruned network and
+removing an equal share of the remaining budget.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -76,33 +69,11 @@ from torch import Tensor, nn
 
 from detectors.base import Detector
 
-from .base import Method, MethodError, PruneContext, PruneReport, Target, register
-from .budget import GroupScores, apply_removal, dependency_graph, measure_size, removal_steps, score_groups
-from .groupfisher import (
-    Snapshot,
-    build_report,
-    channel_costs,
-    describe_groups,
-    first_reaching,
-    output_positions,
-)
+from .base import Method, register
+from .groups import ACTIVATIONS, NORMS, ChannelScores
+from .types import MethodError, PruneContext
 
-ACTIVATIONS: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.SiLU,
-    nn.GELU,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.Mish,
-    nn.Hardswish,
-)
 LINEAR_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 
 
 # -- the math, on tensors ------------------------------------------------------------------------
@@ -309,43 +280,16 @@ def px_saliencies(model: Detector, inputs: Iterable[Tensor]) -> dict[str, Tensor
     return out
 
 
-class PXImportance(tp.importance.Importance):
-    """A filter's score: S summed over its weights and its norm's γ, over the group's
-    output-pruned layers (the filters removed together)."""
-
-    def __init__(self, saliency: dict[str, Tensor], names: dict[nn.Module, str]) -> None:
-        self.saliency = saliency
-        self.names = names
-
-    @torch.no_grad()
-    def __call__(self, group: tp.Group, **kwargs: Any) -> Tensor:
-        graph = group._DG
-        total = torch.zeros(len(group[0].idxs), dtype=torch.float64)
-        seen = set()
-        for item in group:
-            module, handler = item.dep.target.module, item.dep.handler
-            name = self.names.get(module)
-            if name is None or name in seen or not graph.is_out_channel_pruning_fn(handler):
-                continue
-            seen.add(name)
-            s = self.saliency.get(f"{name}.weight")
-            if s is None:
-                continue
-            per_channel = filter_saliency(s)
-            idxs = torch.as_tensor(list(item.idxs), dtype=torch.long)
-            roots = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
-            total.index_add_(0, roots, per_channel.index_select(0, idxs))
-        return total
+def filter_scores(saliency: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per layer (by name): each output channel's S summed over its weights (or a norm's γ)."""
+    return {
+        name[: -len(".weight")]: filter_saliency(s)
+        for name, s in saliency.items()
+        if name.endswith(".weight")
+    }
 
 
 # -- the method ----------------------------------------------------------------------------------
-
-
-def _counts(steps: list[tuple[int, int]], prefix: int) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for gi, removed in steps[:prefix]:
-        counts[gi] = max(counts.get(gi, 0), removed)
-    return counts
 
 
 @register("px")
@@ -359,6 +303,7 @@ class PX(Method):
         super().__init__(**options)
         if int(self.options["rounds"]) < 1:
             raise MethodError("px: rounds must be at least 1")
+        self.rounds = int(self.options["rounds"])
 
     def saliencies(self, model: Detector, ctx: PruneContext) -> dict[str, Tensor]:
         if not ctx.calibration:
@@ -369,145 +314,5 @@ class PX(Method):
         return px_saliencies(model, inputs)
 
     def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
-        names = {m: n for n, m in model.named_modules()}
-        return PXImportance(self.saliencies(model, ctx), names)
-
-    def prune(self, model: Detector, ctx: PruneContext, target: Target) -> PruneReport:
-        start = time.perf_counter()
-        kind, tol, rounds = target.kind, ctx.tolerance, int(self.options["rounds"])
-        model.eval()
-        before = Snapshot.of(model)
-        size0 = before.size(kind)
-        first = describe_groups(model, dependency_graph(model))
-        original = {g.root: g.size for g in first}
-        positions, fixed = output_positions(model), {id(m) for m in model.prune_ignored()}
-        report_groups: dict[str, dict[str, list[str]]] = {}
-        achieved, probes, history, scoring, cached = 0.0, 0, [], 0.0, False
-        # round 0 scores the unpruned model: shared across the targets of one baseline
-        key = json.dumps([self.name, self.options, len(ctx.calibration), ctx.seed, "round 0"], default=str)
-        shared = ctx.score_cache if ctx.score_cache is not None else {}
-        for r in range(rounds):
-            if r > 0 and abs(achieved - target.rate) <= tol:
-                break  # coarse steps got there early
-            goal = target.rate if r == rounds - 1 else achieved + (target.rate - achieved) / (rounds - r)
-            tick = time.perf_counter()
-            if r == 0 and key in shared:
-                groups, seconds = shared[key]
-                cached = True
-            else:
-                groups = score_groups(model, self.importance(model, ctx))
-                seconds = time.perf_counter() - tick
-                if r == 0:
-                    shared[key] = (groups, seconds)
-            scoring += seconds
-            if r == 0:
-                report_groups = {g.root: {"members": g.members, "consumers": g.consumers} for g in groups}
-            steps = self._steps(groups, original, ctx)
-            cache: dict[int, float] = {0: achieved}
-            # the estimated reduction along the steps guides the search for the round's prefix
-            # (pruning narrows the layers in place: the first description's layers are today's)
-            per_channel = channel_costs(first, positions, fixed)[kind] / size0
-            saving = {info.root: float(per_channel[i]) for i, info in enumerate(first)}
-            predicted, last = [achieved], {}
-            for gi, removed in steps:
-                predicted.append(
-                    predicted[-1] + (removed - last.get(gi, 0)) * saving.get(groups[gi].root, 0.0)
-                )
-                last[gi] = removed
-
-            def reduction(prefix: int, groups: list[GroupScores] = groups, steps=steps, cache=cache) -> float:
-                if prefix not in cache:
-                    probe = copy.deepcopy(model)
-                    apply_removal(probe, groups, _counts(steps, prefix))
-                    cache[prefix] = 1.0 - measure_size(probe, kind) / size0
-                return cache[prefix]
-
-            if not steps or reduction(len(steps)) < target.rate - tol:
-                raise MethodError(
-                    f"{target} is out of reach: removing all allowed channels (max_layer_ratio="
-                    f"{ctx.max_layer_ratio}) saves {reduction(len(steps)) if steps else achieved:.1%}"
-                )
-            if reduction(len(steps)) < goal:
-                best = len(steps)
-            else:
-                found = first_reaching(reduction, goal, len(steps), predicted, close_enough=tol / 2)
-                best = min(
-                    (p for p in (found - 1, found) if p in cache),
-                    key=lambda p: abs(cache[p] - goal),
-                )
-            probes += len(cache) - 1
-            counts, achieved = _counts(steps, best), reduction(best)  # measured on a copy
-            if r == rounds - 1 and abs(achieved - target.rate) > tol:
-                below = max(p for p, v in cache.items() if v < target.rate)
-                counts, achieved, used = self._fill(
-                    model, groups, steps, below, cache[below], saving, target, tol, size0
-                )
-                probes += used
-                if abs(achieved - target.rate) > tol:
-                    raise MethodError(
-                        f"{target}: the closest achievable reduction is {achieved:.2%}; lower round_to"
-                    )
-            apply_removal(model, groups, counts)
-            history.append(round(achieved, 6))
-        model.eval()
-        report = build_report(model, before, target, report_groups)
-        report.method = self.name
-        report.probes = probes
-        # a cached score still cost its scoring time: counted, so every row's time is comparable
-        report.seconds = time.perf_counter() - start + (shared[key][1] if cached else 0.0)
-        report.notes = {
-            "rounds": rounds,
-            "achieved_per_round": history,
-            "scoring_seconds": scoring,
-            "scores_cached": cached,
-        }
-        return report
-
-    @staticmethod
-    def _fill(
-        model: Detector,
-        groups: list[GroupScores],
-        steps: list[tuple[int, int]],
-        start: int,
-        value: float,
-        saving: dict[str, float],
-        target: Target,
-        tol: float,
-        size0: float,
-        max_probes: int = 40,
-    ) -> tuple[dict[int, int], float, int]:
-        """When no prefix of the last round lands within ``tol`` (coarse ``round_to`` steps), go on
-        from the prefix just below the target with the later steps that still fit, in order; a
-        group whose next step overshoots adds nothing more."""
-        counts, blocked, probes = _counts(steps, start), set(), 0
-        for gi, removed in steps[start:]:
-            if abs(value - target.rate) <= tol or probes >= max_probes:
-                break
-            if gi in blocked or removed <= counts.get(gi, 0):
-                continue
-            estimate = (removed - counts.get(gi, 0)) * saving.get(groups[gi].root, 0.0)
-            if value + estimate > target.rate + tol:
-                blocked.add(gi)
-                continue
-            trial = {**counts, gi: removed}
-            probe = copy.deepcopy(model)
-            apply_removal(probe, groups, trial)
-            reached = 1.0 - measure_size(probe, target.kind) / size0
-            probes += 1
-            if reached > target.rate + tol:
-                blocked.add(gi)
-                continue
-            counts, value = trial, reached
-        return counts, value, probes
-
-    @staticmethod
-    def _steps(
-        groups: list[GroupScores], original: dict[str, int], ctx: PruneContext
-    ) -> list[tuple[int, int]]:
-        """Global removal steps, each group capped at ``max_layer_ratio`` of its original width."""
-        steps = removal_steps(groups, "global", ctx.round_to, ctx.max_layer_ratio)
-        room = {}
-        for gi, g in enumerate(groups):
-            orig = original.get(g.root, len(g.order))
-            room[gi] = len(g.order) - max(1, math.ceil(orig * (1 - ctx.max_layer_ratio)))
-        return [(gi, removed) for gi, removed in steps if removed <= room[gi]]
+        """A filter's S and its norm's γ, summed over the group's output-pruned layers."""
+        return ChannelScores(model, filter_scores(self.saliencies(model, ctx)))

@@ -1,6 +1,15 @@
 """Results: the SQLite store of finished cells and the table/plot reporters (no torch here)."""
 
+from results.compare import compare, reference_store
 from results.report import render_table, write_reports
 from results.store import COLUMNS, DuplicateCellError, ResultStore
 
-__all__ = ["COLUMNS", "DuplicateCellError", "ResultStore", "render_table", "write_reports"]
+__all__ = [
+    "COLUMNS",
+    "DuplicateCellError",
+    "ResultStore",
+    "compare",
+    "reference_store",
+    "render_table",
+    "write_reports",
+]

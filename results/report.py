@@ -14,18 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from tabulate import tabulate
 
+from results.aggregate import mark_within_spread as _marks
+from results.aggregate import summarise
+from results.plots import plot_map_vs_pr, plot_map_vs_speedup, plot_recovery
 from results.store import COLUMN_NAMES, COLUMNS
 
 METRIC_NAMES = {"ap": "AP@[.5:.95]", "ap50": "AP@0.5"}
 METRIC_COLUMNS = {"ap": "map", "ap50": "ap50"}  # the store column a metric's "mAP" is read from
 HEADERS = (
-    "Detector", "Method", "Target", "PR%", "FLOPs↓%", "GMACs", "GFLOPs", "Params (M)",
-    "mAP", "AP50", "core ms", "core p90", "predict ms",
+    "Detector", "Method", "Target", "n", "PR%", "FLOPs↓%", "GMACs", "GFLOPs", "Params (M)",
+    "mAP 1-shot", "mAP", "AP50", "vs best", "core ms", "speed-up [95% CI]", "eff.", "predict ms",
 )  # fmt: skip
 MISSING = "-"
 _METRIC_LABEL = {METRIC_COLUMNS[k]: v for k, v in METRIC_NAMES.items()}
@@ -34,10 +34,13 @@ _TEXT = [name for name, sqltype in COLUMNS if sqltype == "TEXT"]
 # The CSV: identity of the cell, then every number the store holds (plus GFLOPs).
 CSV_COLUMNS = [
     "detector", "regime", "method", "target", "target_kind", "target_rate", "seed", "input_size",
-    "metric", "achieved_params_pr", "achieved_flops_pr", "achieved_channels_pr", "params_m",
-    "gmacs", "gflops", "map", "ap50", "ap75", "aps", "apm", "apl", "core_ms_median", "core_ms_p90",
-    "predict_ms_median", "predict_ms_p90", "threads", "cpu", "gpu", "device", "train_seconds",
-    "prune_seconds", "finetune_seconds", "eval_seconds", "cell_id",
+    "metric", "finetune_epochs", "achieved_params_pr", "achieved_flops_pr", "achieved_channels_pr",
+    "params_m", "gmacs", "gflops", "oneshot_map", "oneshot_ap50", "map", "ap50", "ap75", "aps", "apm",
+    "apl", "core_ms_median", "core_ms_p90", "predict_ms_median", "predict_ms_p90",
+    "base_core_ms_median", "base_predict_ms_median", "speedup_core", "speedup_core_lo",
+    "speedup_core_hi", "speedup_predict", "speedup_predict_lo", "speedup_predict_hi",
+    "efficiency_core", "threads", "cpu", "gpu", "device", "train_seconds", "prune_seconds",
+    "finetune_seconds", "eval_seconds", "cell_id",
 ]  # fmt: skip
 
 
@@ -59,13 +62,16 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _ordered(df: pd.DataFrame) -> pd.DataFrame:
-    """Per detector and regime ("plain" first): the base row, then method x target by rate."""
+    """Per detector and regime ("plain" first): the base row, then method x target by rate
+    (then fine-tuning epochs and seed, where the frame has them)."""
+
+    def num(v: Any) -> float:
+        return -1.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
     def key(r: Any) -> tuple:
-        rate = -1.0 if math.isnan(r.target_rate) else r.target_rate
-        seed = -1.0 if math.isnan(r.seed) else r.seed
-        return (r.detector, r.regime != "plain", r.regime, not r.is_base, r.method,
-                r.target_kind, rate, r.target, seed, r.cell_id)  # fmt: skip
+        return (r.detector, r.regime != "plain", r.regime, not r.is_base, r.method, r.target_kind,
+                num(r.target_rate), r.target, num(r.finetune_epochs), num(getattr(r, "seed", -1)),
+                r.cell_id)  # fmt: skip
 
     keys = [key(r) for r in df.itertuples(index=False)]
     order = sorted(range(len(df)), key=keys.__getitem__)
@@ -87,30 +93,56 @@ def _fmt(value: float, digits: int, scale: float = 1.0) -> str:
     return MISSING if math.isnan(value) else f"{value * scale:.{digits}f}"
 
 
+def _stat(r: Any, name: str, digits: int, scale: float = 1.0) -> str:
+    """The mean, with ``± std`` when several seeds disagree."""
+    mean, std = getattr(r, name), getattr(r, f"{name}_std")
+    if math.isnan(mean) or math.isnan(std) or round(std * scale, digits) == 0:
+        return _fmt(mean, digits, scale)
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+
+
+def _speedup(r: Any) -> str:
+    """One seed: the speed-up and its interval over the paired rounds; several: mean ± std."""
+    if math.isnan(r.speedup_core):
+        return MISSING
+    if r.n > 1:
+        return _stat(r, "speedup_core", 2)
+    return f"{r.speedup_core:.2f} [{r.speedup_core_lo:.2f}, {r.speedup_core_hi:.2f}]"
+
+
 def _display_method(r: Any) -> str:
     if not r.is_base:
         return r.method
     return "base" if r.regime == "plain" else f"base ({r.regime})"
 
 
+def _summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    summary = _ordered(summarise(df))
+    summary["mark"] = _marks(summary, metric)
+    return summary
+
+
 def _table_rows(df: pd.DataFrame, metric: str) -> tuple[list[str], list[list[str]]]:
-    """The formatted table: ordered rows, plus a Seed column when several seeds are stored."""
-    df = _ordered(df)
-    seeds = set(df["seed"].dropna())
+    """The formatted table: one row per replicate group, plus a fine-tuning column when the
+    frame holds several fine-tuning budgets."""
+    summary = _summary(df, metric)
+    epochs = set(summary["finetune_epochs"].dropna())
     headers = list(HEADERS)
-    if len(seeds) > 1:
-        headers.insert(3, "Seed")
+    if len(epochs) > 1:
+        headers.insert(3, "FT ep")
     rows = []
-    for r in df.itertuples(index=False):
+    for r in summary.itertuples(index=False):
+        mark = MISSING if not isinstance(r.mark, str) else r.mark
         row = [
-            r.detector, _display_method(r), r.target or MISSING,
-            _fmt(r.achieved_params_pr, 1, 100), _fmt(r.achieved_flops_pr, 1, 100),
-            _fmt(r.gmacs, 3), _fmt(r.gflops, 3), _fmt(r.params_m, 3),
-            _fmt(getattr(r, metric), 1, 100), _fmt(r.ap50, 1, 100),
-            _fmt(r.core_ms_median, 2), _fmt(r.core_ms_p90, 2), _fmt(r.predict_ms_median, 2),
+            r.detector, _display_method(r), r.target or MISSING, str(r.n),
+            _stat(r, "achieved_params_pr", 1, 100), _stat(r, "achieved_flops_pr", 1, 100),
+            _stat(r, "gmacs", 3), _stat(r, "gflops", 3), _stat(r, "params_m", 3),
+            _stat(r, f"oneshot_{metric}", 1, 100), _stat(r, metric, 1, 100), _stat(r, "ap50", 1, 100),
+            mark if not r.is_base else MISSING, _stat(r, "core_ms_median", 2), _speedup(r),
+            _stat(r, "efficiency_core", 2), _stat(r, "predict_ms_median", 2),
         ]  # fmt: skip
-        if len(seeds) > 1:
-            row.insert(3, _fmt(r.seed, 0))
+        if len(epochs) > 1:
+            row.insert(3, _fmt(r.finetune_epochs, 0))
         rows.append(row)
     return headers, rows
 
@@ -142,14 +174,32 @@ def _header_lines(df: pd.DataFrame, suite: str, dataset: str, metric: str) -> li
     machine += f"device {_distinct(df, 'device')}"
     if _distinct(df, "gpu") != "unknown":
         machine += f"; GPU {_distinct(df, 'gpu')}"
+    seeds = _distinct(df, "seed")
+    if len(set(df["seed"].dropna())) > 1:
+        spread = (
+            f"Seeds {seeds}, each a full replicate (its own baseline, pruning and fine-tuning): figures "
+            "are mean ± std over them (n). vs best: the best mean mAP at that detector and target, and ≈ "
+            "where a row's difference from it is within its spread, sqrt(std² + std_best²): not a finding."
+        )
+    else:
+        spread = (
+            f"One seed ({seeds}): no spread is known, so no difference between rows is a finding; "
+            "run several seeds (the 3-seed reference shows how far one seed's figures move)."
+        )
     return [
         f"# {suite} — {dataset}",
         "",
         f"{machine}; input size {_distinct(df, 'input_size')} px, batch 1.",
         "",
-        f"mAP = {_METRIC_LABEL[metric]} (×100); AP50 = AP@0.5 (×100). PR% = achieved parameter "
-        "reduction. GMACs by fvcore on core() (NMS excluded); GFLOPs = 2 × GMACs. "
-        "Latency: median and p90 in ms.",
+        f"mAP = {_METRIC_LABEL[metric]} (×100) after fine-tuning; mAP 1-shot = the same right after "
+        "pruning, before any fine-tuning (what the criterion chose); AP50 = AP@0.5 (×100). PR% = achieved "
+        "parameter reduction. GMACs by fvcore on core() (NMS excluded); GFLOPs = 2 × GMACs. core ms, "
+        "predict ms: median latency. speed-up: the pruned core() timed against its own base in one "
+        "process, interleaved rounds, base median ÷ pruned median with a 95% bootstrap interval over "
+        "the paired rounds; eff. = speed-up ÷ (base GMACs ÷ pruned GMACs), 1.0 when latency falls as "
+        "fast as GMACs. A GMACs ratio is not a speed-up.",
+        "",
+        spread,
         "",
         *_core_conditions(df),
     ]
@@ -174,94 +224,14 @@ def _safe(name: str) -> str:
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
     out = _ordered(df)[CSV_COLUMNS].copy()
-    for name in ("seed", "input_size", "threads"):
+    for name in ("seed", "input_size", "threads", "finetune_epochs"):
         out[name] = out[name].astype("Int64")
     out.to_csv(path, index=False, float_format="%.10g", lineterminator="\n")
 
 
-def _method_colors(df: pd.DataFrame) -> dict[str, Any]:
-    """One colour per method for the whole dataset, so a method looks the same in every panel."""
-    cmap = colormaps["tab10"]
-    methods = sorted(set(df.loc[~df["is_base"], "method"]))
-    return {m: cmap(i % 10) for i, m in enumerate(methods)}
-
-
-def _panels(detectors: list[str], title: str) -> tuple[Figure, list[Any]]:
-    ncols = min(len(detectors), 3)
-    nrows = math.ceil(len(detectors) / ncols)
-    fig = Figure(figsize=(5.0 * ncols, 4.0 * nrows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
-    for ax in axes[len(detectors) :]:
-        ax.set_visible(False)
-    fig.suptitle(title)
-    return fig, axes[: len(detectors)]
-
-
-def _label(method: str, regime: str) -> str:
-    return method if regime == "plain" else f"{method} ({regime})"
-
-
-def _series(sub: pd.DataFrame, metric: str, x: str) -> list[tuple[str, str, pd.DataFrame]]:
-    """(method, label, rows sorted by x) per pruned series; a regime other than plain is its own."""
-    rows = sub[~sub["is_base"]].dropna(subset=[x, metric])
-    out = []
-    for (regime, method), grp in rows.groupby(["regime", "method"]):
-        out.append((method, _label(method, regime), grp.sort_values([x, "cell_id"])))
-    return sorted(out, key=lambda s: (s[0], s[1]))
-
-
-def _finish(ax: Any, det: str, xlabel: str, metric: str) -> None:
-    ax.set_title(det)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"mAP ({_METRIC_LABEL[metric]}, %)")
-    ax.grid(True, alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
-
-
-def _plot_map_vs_pr(df: pd.DataFrame, metric: str, title: str, path: Path) -> None:
-    """Per detector: one line per method over achieved PR%, the base as a dashed level."""
-    detectors = sorted(set(df["detector"]))
-    colors = _method_colors(df)
-    fig, axes = _panels(detectors, title)
-    for ax, det in zip(axes, detectors, strict=True):
-        sub = df[df["detector"] == det]
-        bases = sub[sub["is_base"]].dropna(subset=[metric])
-        for regime, base in bases.groupby("regime"):
-            style = "--" if regime == "plain" else ":"
-            ax.axhline(base[metric].mean() * 100, color="black", linestyle=style,
-                       label=_label("base", regime))  # fmt: skip
-        for method, label, rows in _series(sub, metric, "achieved_params_pr"):
-            ax.plot(rows["achieved_params_pr"] * 100, rows[metric] * 100, marker="o",
-                    color=colors[method], label=label)  # fmt: skip
-        _finish(ax, det, "achieved parameter reduction PR (%)", metric)
-    fig.savefig(path, dpi=100)
-
-
-def _plot_map_vs_latency(df: pd.DataFrame, metric: str, title: str, path: Path) -> None:
-    """Per detector: mAP against median core() latency, one marker series per method."""
-    detectors = sorted(set(df["detector"]))
-    colors = _method_colors(df)
-    fig, axes = _panels(detectors, title)
-    for ax, det in zip(axes, detectors, strict=True):
-        sub = df[df["detector"] == det]
-        bases = sub[sub["is_base"]].dropna(subset=["core_ms_median", metric])
-        for regime, base in bases.groupby("regime"):
-            marker = "*" if regime == "plain" else "X"
-            ax.scatter(base["core_ms_median"], base[metric] * 100, marker=marker, s=180,
-                       color="black", label=_label("base", regime), zorder=3)  # fmt: skip
-        for method, label, rows in _series(sub, metric, "core_ms_median"):
-            ax.scatter(rows["core_ms_median"], rows[metric] * 100, marker="o",
-                       color=colors[method], label=label)  # fmt: skip
-        _finish(ax, det, "core() latency, median (ms)", metric)
-    fig.savefig(path, dpi=100)
-
-
 def write_reports(frame: pd.DataFrame, out_dir: Path, suite: str) -> list[Path]:
-    """Write md, csv, tex and two PNG plots per dataset under ``out_dir``; return the paths.
-
-    ``frame`` is normally ``ResultStore.frame(suite)``; rows of every dataset in it are used.
+    """Write md, csv (every cell), summary csv (per replicate group), tex and the plots per
+    dataset under ``out_dir``; return the paths. ``frame`` is normally ``ResultStore.frame(suite)``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -279,16 +249,25 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, suite: str) -> list[Path]:
 
         csv = Path(f"{stem}.csv")
         _write_csv(sub, csv)
+        summary = _summary(sub, metric)
+        summary_csv = Path(f"{stem}_summary.csv")
+        summary.drop(columns=["is_base"]).to_csv(
+            summary_csv, index=False, float_format="%.10g", lineterminator="\n"
+        )
 
         tex = Path(f"{stem}.tex")
-        body = _tabulate(headers, rows, "latex_booktabs").replace("↓", r"$\downarrow$")
+        body = _tabulate(headers, rows, "latex_booktabs").replace("↓", r"$\downarrow$").replace("±", r"$\pm$")
         tex.write_text(f"% {suite} / {dataset}: mAP = {_METRIC_LABEL[metric]} (x100)\n{body}\n",
                        encoding="utf-8")  # fmt: skip
 
         title = f"{suite} / {dataset}"
         pr_png = Path(f"{stem}_map_vs_pr.png")
-        _plot_map_vs_pr(sub, metric, f"{title}: mAP vs. pruning rate", pr_png)
-        lat_png = Path(f"{stem}_map_vs_latency.png")
-        _plot_map_vs_latency(sub, metric, f"{title}: mAP vs. core latency", lat_png)
-        written += [md, csv, tex, pr_png, lat_png]
+        plot_map_vs_pr(summary, metric, f"{title}: mAP vs. pruning rate", pr_png)
+        speed_png = Path(f"{stem}_map_vs_speedup.png")
+        plot_map_vs_speedup(summary, metric, f"{title}: mAP vs. paired core() speed-up", speed_png)
+        written += [md, csv, summary_csv, tex, pr_png, speed_png]
+        if len(set(summary["finetune_epochs"].dropna())) > 1:
+            recovery_png = Path(f"{stem}_recovery.png")
+            plot_recovery(summary, metric, f"{title}: mAP recovery with fine-tuning", recovery_png)
+            written.append(recovery_png)
     return written

@@ -51,10 +51,23 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("aps", "REAL"),
     ("apm", "REAL"),
     ("apl", "REAL"),
+    ("oneshot_map", "REAL"),  # AP@[.5:.95] right after pruning, before any fine-tuning
+    ("oneshot_ap50", "REAL"),
+    ("finetune_epochs", "INTEGER"),
     ("core_ms_median", "REAL"),
     ("core_ms_p90", "REAL"),
     ("predict_ms_median", "REAL"),
     ("predict_ms_p90", "REAL"),
+    # paired timing: the pruned model against its own base, interleaved rounds in one process
+    ("base_core_ms_median", "REAL"),
+    ("base_predict_ms_median", "REAL"),
+    ("speedup_core", "REAL"),  # base median / pruned median
+    ("speedup_core_lo", "REAL"),  # its 95% interval (bootstrap over the paired rounds)
+    ("speedup_core_hi", "REAL"),
+    ("speedup_predict", "REAL"),
+    ("speedup_predict_lo", "REAL"),
+    ("speedup_predict_hi", "REAL"),
+    ("efficiency_core", "REAL"),  # speedup_core / (base GMACs / pruned GMACs)
     ("threads", "INTEGER"),
     ("cpu", "TEXT"),
     ("gpu", "TEXT"),
@@ -122,6 +135,8 @@ def _coerce(name: str, value: Any) -> Any:
     if sqltype == "INTEGER":
         if isinstance(value, numbers.Integral):
             return int(value)
+        if isinstance(value, numbers.Real) and (math.isnan(value) or float(value).is_integer()):
+            return None if math.isnan(value) else int(value)  # a pandas column with gaps is float
         raise ValueError(f"column {name!r} is INTEGER; got {type(value).__name__} {value!r}")
     if isinstance(value, numbers.Real):  # REAL; numpy scalars register as numbers.Real
         value = float(value)
@@ -150,11 +165,15 @@ class ResultStore:
             with conn:
                 conn.execute(_create_sql())
             found = tuple(r[1] for r in conn.execute(f"PRAGMA table_info({TABLE})"))
-        if found != COLUMN_NAMES:
-            missing = sorted(set(COLUMN_NAMES) - set(found))
+            missing = [n for n in COLUMN_NAMES if n not in found]
             extra = sorted(set(found) - set(COLUMN_NAMES))
-            detail = f"missing {missing}, extra {extra}"
-            raise SchemaMismatchError(f"{self.path} has another schema ({detail}); use a new file")
+            if extra or any(n in REQUIRED for n in missing):
+                detail = f"missing {sorted(missing)}, extra {extra}"
+                raise SchemaMismatchError(f"{self.path} has another schema ({detail}); use a new file")
+            # a store written before a measurement existed gains its column, empty for old rows
+            with conn:
+                for name in missing:
+                    conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN {name} {_TYPES[name]}")
 
     def __repr__(self) -> str:
         return f"ResultStore({str(self.path)!r})"

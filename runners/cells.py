@@ -23,27 +23,18 @@ from tqdm.auto import tqdm
 from datasets import build_dataset
 from datasets.base import DatasetError, DetectionDataset
 from detectors import Detector, build_detector, load_checkpoint, save_checkpoint
-from methods import Method, PruneContext, Target, build_method
+from methods import PruneContext, Target, build_method
+from methods.training import train
 from results import DuplicateCellError, ResultStore
 
 from . import measure
 from .evaluate import evaluate
+from .prune import prune_and_finetune
 from .suite import Cell, Experiment, Suite, load_suite
-from .train import train
 
 
 def default_work_dir() -> Path:
     return Path(os.environ.get("DETPRUNE_HOME", ".detprune"))
-
-
-def calibration_batches(dataset: DetectionDataset, images: int, batch_size: int = 16) -> list:
-    """The first ``images`` training images, in a fixed order, as (images, targets) batches."""
-    count = min(images, len(dataset))
-    samples = [dataset[i] for i in range(count)]
-    return [
-        ([s[0] for s in samples[i : i + batch_size]], [s[1] for s in samples[i : i + batch_size]])
-        for i in range(0, count, batch_size)
-    ]
 
 
 def data_root(dataset: str, root: str | None) -> Path | None:
@@ -125,8 +116,7 @@ class Runner:
         extra, method = None, None
         if cell.regime != "plain":
             method = build_method(cell.regime, **cell.regime_options)  # the method that owns the regime
-            ctx = PruneContext(seed=cell.seed, device=self.device, progress=self.progress)
-            extra = lambda m, batch, losses: method.train_loss(m, ctx, batch, losses)  # noqa: E731
+            extra = method.loss_hook(PruneContext(seed=cell.seed, progress=self.progress))
         stats = train(
             model,
             train_set,
@@ -145,12 +135,21 @@ class Runner:
         return model, path, meta
 
     # -- one cell -------------------------------------------------------------------------------
-    def _measure(self, model: Detector, cell: Cell, val_set: DetectionDataset) -> dict[str, Any]:
+    def _measure(
+        self, model: Detector, cell: Cell, val_set: DetectionDataset, base: Detector | None = None
+    ) -> dict[str, Any]:
+        """mAP, size, and latency: alone for a base row, paired against ``base`` for a pruned one."""
         start = time.perf_counter()
         metrics = evaluate(model, val_set, cell.evaluate["batch_size"], self.progress)
         eval_seconds = time.perf_counter() - start
-        image = val_set[0][0]
-        timing = measure.latency(model, image, cell.measure["warmup"], cell.measure["rounds"])
+        image, rounds = val_set[0][0], (cell.measure["warmup"], cell.measure["rounds"])
+        if base is None:
+            timing = measure.latency(model, image, *rounds)
+        else:
+            timing = measure.paired_latency(base.to(self.device), model, image, *rounds)
+            timing["efficiency_core"] = (
+                timing["speedup_core"] * measure.size(model)["gmacs"] / (measure.size(base)["gmacs"])
+            )
         values = {**metrics, **measure.size(model), **timing, "eval_seconds": eval_seconds}
         return values | {"core_conditions": dict(model.core_conditions)}
 
@@ -201,37 +200,31 @@ class Runner:
     def run_pruned(self, cell: Cell) -> dict[str, Any]:
         model, base_path, base_meta = self.baseline(cell)
         train_set, val_set = self.datasets(cell.experiment)
-        method: Method = build_method(cell.method, **cell.method_options)
-        ctx = PruneContext(
-            calibration=calibration_batches(train_set, cell.prune["calibration_images"]),
-            seed=cell.seed,
-            round_to=cell.prune["round_to"],
-            max_layer_ratio=cell.prune["max_layer_ratio"],
-            tolerance=cell.prune["tolerance"],
-            device=self.device,
-            progress=self.progress,
-            train_set=train_set,
-            batch_size=cell.finetune.batch_size,
-            score_cache=self._score_caches.setdefault(f"{cell.baseline_key}:{cell.prune}", {}),
-        )
-        report = method.prune(model, ctx, Target.parse(cell.target))
-        stats = train(
+        pruned = prune_and_finetune(
             model,
+            build_method(cell.method, **cell.method_options),
             train_set,
+            Target.parse(cell.target),
             cell.finetune,
+            prune=cell.prune,
             seed=cell.seed,
-            extra_loss=lambda m, batch, losses: method.train_loss(m, ctx, batch, losses),
-            desc=f"fine-tune {cell.label}",
             progress=self.progress,
+            score_cache=self._score_caches.setdefault(f"{cell.baseline_key}:{cell.prune}", {}),
+            desc=f"fine-tune {cell.label}",
+            val_set=val_set,
+            eval_batch_size=cell.evaluate["batch_size"],
         )
-        report.notes["method_stats"] = method.stats()  # after fine-tuning: its counters too
+        report, stats, oneshot = pruned.report, pruned.finetune, pruned.oneshot or {}
         path = save_checkpoint(
             model, self.work_dir / "models" / cell.suite / f"{cell.cell_id}.pt", {"cell": cell.label}
         )
         reloaded, _ = load_checkpoint(path)  # a pruned checkpoint that cannot be reloaded is a failed cell
         reloaded.predict([val_set[0][0]])
-        values = self._measure(model, cell, val_set)
+        values = self._measure(model, cell, val_set, base=load_checkpoint(base_path)[0])
         values |= {
+            "oneshot_map": oneshot.get("map"),
+            "oneshot_ap50": oneshot.get("ap50"),
+            "finetune_epochs": cell.finetune.epochs,
             "achieved_params_pr": report.achieved["params"],
             "achieved_flops_pr": report.achieved["flops"],
             "achieved_channels_pr": report.achieved["channels"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tomllib
 from pathlib import Path
@@ -11,12 +12,15 @@ import torch
 
 from datasets import DATASETS, DatasetError, build_dataset
 from detectors import DetectorError, build_detector, detector_names, load_checkpoint, save_checkpoint
-from methods import MethodError, PruneContext, Target, build_method, method_names
-from results import ResultStore, render_table, write_reports
+from methods import PRUNE_DEFAULTS, MethodError, Target, build_method, method_names
+from methods.training import Schedule
+from results import ResultStore, compare, reference_store, render_table, write_reports
 
-from .cells import Runner, calibration_batches
+from . import measure
+from .cells import Runner
+from .evaluate import evaluate
+from .prune import prune_and_finetune
 from .suite import SuiteError, load_suite, parse_override, suite_names
-from .train import Schedule, train
 
 USER_ERRORS = (DatasetError, DetectorError, MethodError, SuiteError, FileNotFoundError)
 
@@ -48,7 +52,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(
         f"suite {suite.name}: {counts['cells']} cells, {counts['ran']} run, {counts['skipped']} already done"
     )
-    _report(args.suite, args.results_dir, suite.overrides)
+    paths = _report(args.suite, args.results_dir, suite.overrides)
+    out_dir = Path(args.results_dir) / suite.name
+    reference = reference_store(suite.name)
+    if reference is not None and reference.resolve() != (out_dir / "results.sqlite").resolve():
+        print(f"\n## {suite.name}: this run beside the reference run ({reference.parent})\n")
+        print(compare(ResultStore(out_dir).frame(suite.name), ResultStore(reference).frame(suite.name)))
+    print(f"\ntables and plots of this run: {out_dir}/ ({len(paths)} files)")
     return 0
 
 
@@ -98,34 +108,44 @@ def cmd_prune(args: argparse.Namespace) -> int:
         model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
     if args.detector and model.spec["name"] != args.detector:
         raise DetectorError(f"{checkpoint} holds a '{model.spec['name']}' detector, not '{args.detector}'")
-    device = torch.device(args.device)
-    model.to(device).eval()
-    ctx = PruneContext(
-        calibration=calibration_batches(train_set, args.calibration_images),
+    model.to(torch.device(args.device)).eval()
+    original = copy.deepcopy(model)
+    val_set = build_dataset(args.data, "val", root=args.data_root)
+    knobs = ("round_to", "max_layer_ratio", "tolerance", "calibration_images")
+    pruned = prune_and_finetune(
+        model,
+        method,
+        train_set,
+        target,
+        Schedule(epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr),
+        prune={k: getattr(args, k) for k in knobs},
         seed=args.seed,
-        round_to=args.round_to,
-        max_layer_ratio=args.max_layer_ratio,
-        device=device,
-        train_set=train_set,
-        batch_size=args.batch_size,
+        val_set=val_set,
     )
-    report = method.prune(model, ctx, target)
-    if args.finetune_epochs > 0:
-        schedule = Schedule(epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr)
-        train(
-            model,
-            train_set,
-            schedule,
-            seed=args.seed,
-            extra_loss=lambda m, b, losses: method.train_loss(m, ctx, b, losses),
-            desc="fine-tune",
-        )
+    report = pruned.report
     save_checkpoint(model, Path(args.out), {"prune_report": report.to_dict()})
     achieved = ", ".join(f"{k} -{v:.1%}" for k, v in report.achieved.items())
     print(
         f"pruned with {method.name} to {target}: {achieved}; "
         f"{report.params_before / 1e6:.3f}M -> {report.params_after / 1e6:.3f}M params, "
         f"{report.gmacs_before:.3f} -> {report.gmacs_after:.3f} GMACs; wrote {args.out}"
+    )
+    metric = "ap50" if getattr(val_set, "metric", "ap") == "ap50" else "map"
+    label = f"{'AP@0.5' if metric == 'ap50' else 'AP@[.5:.95]'} on the {args.data} validation split"
+    before = evaluate(original, val_set, progress=False)[metric]
+    after = evaluate(model, val_set, progress=False)[metric] if args.finetune_epochs > 0 else None
+    tuned = (
+        f"{100 * after:.1f} after {args.finetune_epochs} fine-tuning epochs"
+        if after is not None
+        else ("not fine-tuned (--finetune-epochs 0)")
+    )
+    print(f"{label}: {100 * before:.1f} before pruning, {100 * pruned.oneshot[metric]:.1f} one-shot, {tuned}")
+    timing = measure.paired_latency(original, model, val_set[0][0])
+    print(
+        f"core() speed-up against the checkpoint it started from: {timing['speedup_core']:.2f}x "
+        f"[95% CI {timing['speedup_core_lo']:.2f}, {timing['speedup_core_hi']:.2f}] "
+        f"({timing['base_core_ms_median']:.2f} -> {timing['core_ms_median']:.2f} ms, "
+        f"{torch.get_num_threads()} threads); GMACs ratio {report.gmacs_before / report.gmacs_after:.2f}x"
     )
     return 0
 
@@ -177,9 +197,12 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--detector", default=None, help="needed for a plain state_dict checkpoint")
     pr.add_argument("--size", default="tiny")
     pr.add_argument("--input-size", type=int, default=128)
-    pr.add_argument("--round-to", type=int, default=8)
-    pr.add_argument("--max-layer-ratio", type=float, default=0.9)
-    pr.add_argument("--calibration-images", type=int, default=256)
+    pr.add_argument("--round-to", type=int, default=PRUNE_DEFAULTS["round_to"])
+    pr.add_argument("--max-layer-ratio", type=float, default=PRUNE_DEFAULTS["max_layer_ratio"])
+    pr.add_argument(
+        "--tolerance", type=float, default=PRUNE_DEFAULTS["tolerance"], help="budget band around the target"
+    )
+    pr.add_argument("--calibration-images", type=int, default=PRUNE_DEFAULTS["calibration_images"])
     pr.add_argument("--finetune-epochs", type=int, default=0)
     pr.add_argument("--batch-size", type=int, default=16)
     pr.add_argument("--lr", type=float, default=0.01)

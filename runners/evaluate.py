@@ -13,9 +13,9 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from datasets import collate
 from datasets.base import DetectionDataset
 from detectors.base import Detector
+from methods.training import collate
 
 METRICS = ("map", "ap50", "ap75", "aps", "apm", "apl")
 

@@ -7,11 +7,12 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from detectors.base import Detector
-from methods.budget import count_gmacs, count_params
+from methods.sizes import count_gmacs, count_params
 
 
 def _sync(device: torch.device) -> None:
@@ -32,9 +33,12 @@ def time_call(
         fn()
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    return statistics.median(times), p90
+    return median_p90(times)
+
+
+def median_p90(times: list[float]) -> tuple[float, float]:
+    ordered = sorted(times)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
 
 
 @torch.inference_mode()
@@ -52,6 +56,63 @@ def latency(model: Detector, image: Tensor, warmup: int = 3, rounds: int = 20) -
         "predict_ms_median": predict[0],
         "predict_ms_p90": predict[1],
     }
+
+
+def paired_times(
+    base: Callable[[], object], pruned: Callable[[], object], device: torch.device, warmup: int, rounds: int
+) -> tuple[list[float], list[float]]:
+    """Both calls timed in the same rounds, alternating which goes first (ABBA), after warm-up:
+    whatever the machine does meanwhile (another process, frequency changes) hits both alike."""
+    for _ in range(warmup):
+        base()
+        pruned()
+    _sync(device)
+    times: dict[int, list[float]] = {0: [], 1: []}
+    calls = (base, pruned)
+    for i in range(rounds):
+        for which in (0, 1) if i % 2 == 0 else (1, 0):
+            start = time.perf_counter()
+            calls[which]()
+            _sync(device)
+            times[which].append((time.perf_counter() - start) * 1e3)
+    return times[0], times[1]
+
+
+def speedup(
+    base_ms: list[float], pruned_ms: list[float], resamples: int = 2000
+) -> tuple[float, float, float]:
+    """``median(base) / median(pruned)`` and its 95% interval, bootstrapping the paired rounds
+    (a round's two times are resampled together, so what they share cancels)."""
+    b, p = np.asarray(base_ms), np.asarray(pruned_ms)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, len(b), size=(resamples, len(b)))
+    ratios = np.median(b[idx], axis=1) / np.median(p[idx], axis=1)
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(np.median(b) / np.median(p)), float(lo), float(hi)
+
+
+@torch.inference_mode()
+def paired_latency(
+    base: Detector, pruned: Detector, image: Tensor, warmup: int = 3, rounds: int = 20
+) -> dict[str, float]:
+    """``pruned`` timed against ``base`` (``core`` on the fixed-size example, ``predict`` on one
+    real image, batch 1): its own medians, the base's, and the speed-ups with their intervals."""
+    base.eval()
+    pruned.eval()
+    device = next(pruned.parameters()).device
+    x, image = pruned.example_input(), image.to(device)
+    out: dict[str, float] = {}
+    calls = {
+        "core": (lambda: base.core(x), lambda: pruned.core(x)),
+        "predict": (lambda: base.predict([image]), lambda: pruned.predict([image])),
+    }
+    for name, (on_base, on_pruned) in calls.items():
+        base_ms, pruned_ms = paired_times(on_base, on_pruned, device, warmup, rounds)
+        out[f"{name}_ms_median"], out[f"{name}_ms_p90"] = median_p90(pruned_ms)
+        out[f"base_{name}_ms_median"] = statistics.median(base_ms)
+        point, lo, hi = speedup(base_ms, pruned_ms)
+        out |= {f"speedup_{name}": point, f"speedup_{name}_lo": lo, f"speedup_{name}_hi": hi}
+    return out
 
 
 def size(model: Detector) -> dict[str, float]:

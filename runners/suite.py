@@ -17,16 +17,14 @@ from typing import Any
 
 from datasets import DATASETS
 from detectors import detector_names
-from methods import MethodError, Target, build_method
-
-from .train import Schedule
+from methods import PRUNE_DEFAULTS, MethodError, Target, build_method
+from methods.training import Schedule
 
 SUITES_DIR = Path(__file__).parent / "suites"
 SUITE_KEYS = set(
     "name description seeds methods targets input_size jobs train finetune prune measure evaluate "
     "method_options experiments".split()
 )
-PRUNE_DEFAULTS = {"round_to": 8, "max_layer_ratio": 0.9, "tolerance": 0.005, "calibration_images": 256}
 MEASURE_DEFAULTS = {"warmup": 3, "rounds": 20}
 EVALUATE_DEFAULTS = {"batch_size": 16}
 EXPERIMENT_KEYS = {
@@ -139,13 +137,14 @@ class Suite:
     raw: dict[str, Any]
     experiments: list[Plan]
     seeds: list[int]
-    input_size: int
-    train: Schedule
-    finetune: Schedule
+    method_options: dict[str, dict[str, Any]]
     prune: dict[str, Any]
     measure: dict[str, Any]
     evaluate: dict[str, Any]
-    method_options: dict[str, dict[str, Any]]
+    # the defaults an experiment may override
+    input_size: int
+    train: Schedule
+    finetune: Schedule
     jobs: int = 1  # cells run in parallel worker processes (rows are measured with threads / jobs)
     overrides: dict[str, Any] = field(default_factory=dict)  # from the command line (``--set``)
 
@@ -191,7 +190,9 @@ class Suite:
                                 **common,
                             )
                         )
-        return base + pruned
+        # experiments that differ only after the baseline (fine-tuning budgets) share base cells
+        unique = {c.cell_id: c for c in base + pruned}
+        return list(unique.values())
 
 
 def suite_names() -> list[str]:

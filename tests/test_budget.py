@@ -9,7 +9,9 @@ import torch
 
 from detectors import build_detector
 from methods import MethodError, PruneContext, Target, build_method
-from methods.budget import GroupScores, count_channels, count_params, removal_steps, score_groups
+from methods.budget import removal_steps
+from methods.groups import GroupScores, score_groups
+from methods.sizes import count_channels, count_params
 
 
 def test_target_parse_and_errors() -> None:

@@ -94,7 +94,11 @@ def test_prune_errors_and_success(capsys, tmp_path: Path, monkeypatch) -> None:
     )
     ok = [*common, "--method", "l1", "--target", "params:0.4", "--round-to", "1", "--calibration-images", "4"]
     assert main(ok) == 0
-    assert "pruned with l1 to params:0.4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pruned with l1 to params:0.4" in out
+    # what it got: mAP before, one-shot (and no fine-tuning asked), the paired speed-up
+    assert "on the synthetic-coco validation split" in out and "one-shot, not fine-tuned" in out
+    assert "speed-up against the checkpoint it started from" in out and "95% CI" in out
     model, meta = load_checkpoint(tmp_path / "out.pt")
     assert abs(meta["prune_report"]["achieved"]["params"] - 0.4) <= 0.005
     with pytest.raises(SystemExit):

@@ -15,11 +15,11 @@ from PIL import Image
 from pycocotools.cocoeval import COCOeval
 
 import datasets
-from datasets import DATASETS, DatasetError, build_dataset, collate
+from datasets import DATASETS, DatasetError, build_dataset
 from datasets.coco import CocoDetection
 from datasets.kitti import KittiDetection, split_ids
 from datasets.synthetic import CATEGORY_IDS, CLASSES, generate
-from datasets.transforms import RandomHorizontalFlip
+from methods.training import RandomHorizontalFlip, collate
 
 
 def write_png(path: Path, size: tuple[int, int] = (16, 12), colour: tuple[int, ...] = (10, 200, 30)) -> Path:
@@ -293,7 +293,7 @@ def test_registry_names_and_errors(tmp_path):
         build_dataset("kitti", "train", root=tmp_path, colour="red")
     with pytest.raises(DatasetError, match="unknown split"):
         build_dataset("synthetic-coco", "test", root=tmp_path)
-    assert {"DatasetError", "DetectionDataset", "collate", "build_dataset", "DATASETS"} <= set(dir(datasets))
+    assert {"DatasetError", "DetectionDataset", "build_dataset", "DATASETS"} <= set(dir(datasets))
 
 
 def test_registry_real_layouts(tmp_path):

@@ -11,9 +11,9 @@ import torch
 from detectors import build_detector
 from methods import PruneContext, Target, build_method
 from methods.activations import capture, observation_points
-from methods.budget import score_groups
 from methods.chip import chip_scores, nuclear_norm_drops
 from methods.dcodp import coupling_scores
+from methods.groups import score_groups
 from methods.hrank import hrank_ranks, hrank_scores
 
 
@@ -157,3 +157,21 @@ def test_single_layer_criteria_score_the_root_and_dcodp_sums_the_group() -> None
     dcodp_stem = torch.zeros_like(chip_stem)
     dcodp_stem[scores["dcodp"][root].order] = scores["dcodp"][root].sorted_scores
     assert (dcodp_stem > chip_stem).all()  # the coupled layers' CP adds to the parent's
+
+
+def test_capture_moves_the_batches_to_the_models_device() -> None:
+    """The model lives on the ``meta`` device: every batch must reach it there, not on the CPU."""
+    from tests.conftest import ToyDetector
+
+    class Recording(ToyDetector):
+        devices: list[str] = []
+
+        def preprocess(self, images: list[torch.Tensor]) -> torch.Tensor:
+            self.devices.append(images[0].device.type)
+            return torch.stack(images)
+
+    model = Recording().to("meta").eval()
+    batches = [([torch.rand(3, 16, 16) for _ in range(2)], [{}, {}]) for _ in range(2)]
+    stats = capture(model, batches, lambda f: torch.ones(f.shape[0], f.shape[1]))
+    assert model.devices == ["meta", "meta"]
+    assert set(stats) == {"conv1", "conv2"} and all(s.device.type == "cpu" for s in stats.values())

@@ -17,7 +17,7 @@ from detectors.gfl import (
     integral,
     quality_focal_loss,
 )
-from methods.budget import count_params
+from methods.sizes import count_params
 
 REG_MAX = 16
 

@@ -13,20 +13,10 @@ import methods.groupfisher  # noqa: F401  (registers "groupfisher")
 from detectors import build_detector
 from detectors.base import Detector
 from methods.base import MethodError, PruneContext, Target, build_method
-from methods.budget import count_gmacs, count_params, dependency_graph
-from methods.groupfisher import (
-    FisherCollector,
-    channel_costs,
-    describe_groups,
-    first_reaching,
-    fisher_per_sample,
-    group_fisher,
-    normalized_scores,
-    output_positions,
-    prune_plan,
-    removal_units,
-    take_units,
-)
+from methods.budget import removal_steps
+from methods.groupfisher import FisherCollector, fisher_per_sample, group_fisher, normalized_scores
+from methods.groups import GroupScores, dependency_graph, describe_groups
+from methods.sizes import channel_costs, count_gmacs, count_params, output_positions
 
 
 class TwoBranch(Detector):
@@ -98,38 +88,28 @@ def test_coupled_layers_are_summed_before_squaring() -> None:
     assert torch.allclose(swapped, g1.pow(2).sum(0).flip(0).double())
 
 
+def _scored(root: str, scores: Tensor) -> GroupScores:
+    sorted_scores, order = torch.sort(scores.double(), stable=True)
+    return GroupScores(root, [root], order, sorted_scores)
+
+
 def test_costlier_channel_with_the_same_score_goes_first() -> None:
     same = torch.tensor([2.0, 2.0])
     cheap, costly = normalized_scores(same, 1.0), normalized_scores(same, 4.0)
     assert (costly < cheap).all()
-    units = removal_units([cheap, costly], [2, 2], round_to=1, max_layer_ratio=0.5)
-    assert units[0][1] == 1  # the first removal comes from the costly group
+    steps = removal_steps([_scored("cheap", cheap), _scored("costly", costly)], "global", 1, 0.5)
+    assert steps[0][0] == 1  # the first removal comes from the costly group
     with pytest.raises(ValueError):
         normalized_scores(same, 0.0)
 
 
-def test_units_respect_round_to_and_the_original_width() -> None:
-    scores = [torch.arange(20.0)]
-    units = removal_units(scores, [20], round_to=8, max_layer_ratio=0.9)
-    assert [after for _, _, after in units] == [4, 12]  # 20 -> 16 -> 8, never 0
-    assert units[0][0] == pytest.approx(1.5)  # mean of channels 0..3
+def test_steps_respect_round_to_and_the_original_width() -> None:
+    steps = removal_steps([_scored("a", torch.arange(20.0))], "global", round_to=8, max_layer_ratio=0.9)
+    assert [after for _, after in steps] == [4, 12]  # 20 -> 16 -> 8, never 0
     # a group already pruned from 20 to 10 keeps ceil(20 * 0.5) = 10 at max_layer_ratio 0.5
-    assert removal_units([torch.arange(10.0)], [20], round_to=1, max_layer_ratio=0.5) == []
-    chosen = take_units(removal_units([torch.arange(6.0), torch.arange(6.0) + 0.5], [6, 6]), 3)
-    assert [(gi, after) for _, gi, after in chosen] == [(0, 1), (1, 1), (0, 2)]
-
-
-def test_first_reaching_finds_the_smallest_prefix() -> None:
-    values = [0.0, 0.01, 0.05, 0.06, 0.06, 0.2, 0.3]
-    calls: list[int] = []
-
-    def reduction(k: int) -> float:
-        calls.append(k)
-        return values[k]
-
-    assert first_reaching(reduction, 0.06, 6) == 3
-    assert first_reaching(reduction, 0.3, 6) == 6
-    assert first_reaching(reduction, 0.001, 6) == 1
+    pruned = [_scored("a", torch.arange(10.0))]
+    assert removal_steps(pruned, "global", 1, 0.5, original={"a": 20}) == []
+    assert len(removal_steps(pruned, "global", 1, 0.5)) == 5  # against today's width it could go on
 
 
 # -- hooks on a two-branch network ---------------------------------------------------------------
@@ -198,7 +178,10 @@ def test_costs_match_the_counted_savings(net: TwoBranch) -> None:
     groups, stem = _stem_group(net)
     costs = channel_costs(groups, output_positions(net), {id(net.head)})
     probe = copy.deepcopy(net)
-    prune_plan(probe, dependency_graph(probe), {"stem": [1]})
+    graph = dependency_graph(probe)
+    graph.get_pruning_group(
+        probe.stem, graph.get_pruner_of_module(probe.stem).prune_out_channels, [1]
+    ).prune()
     assert costs["params"][stem] == count_params(net) - count_params(probe)
     assert costs["flops"][stem] == pytest.approx(count_gmacs(net) - count_gmacs(probe), rel=1e-9)
     assert costs["memory"][stem] == 8 * 8  # one output map of the stem
@@ -230,7 +213,8 @@ def test_loop_stops_at_the_budget(target: str, round_to: int) -> None:
     t = Target.parse(target)
     report = method.prune(model, ctx, t)
     assert abs(report.achieved[t.kind] - t.rate) <= ctx.tolerance
-    assert report.method == "groupfisher" and report.notes["iterations"] == 2 * report.notes["steps"]
+    assert report.method == "groupfisher"
+    assert report.notes["training_iterations"] == 2 * report.notes["rounds"] > 0
     assert report.params_after == count_params(model) < report.params_before
     assert report.layers and all(after < before for before, after in report.layers.values())
     assert all(after % round_to == 0 for _, after in report.layers.values())

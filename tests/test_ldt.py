@@ -15,7 +15,7 @@ import methods.ldt  # noqa: F401  (registers "ldt")
 from datasets import build_dataset
 from detectors import build_detector
 from methods import MethodError, PruneContext, Target, build_method
-from methods.budget import score_groups
+from methods.groups import score_groups
 from methods.ldt import LDT, map_instances
 from methods.ldt_math import (
     FEW_CLASSES,
@@ -236,16 +236,19 @@ def _train_step(model: TraceToy, method: LDT, batch) -> tuple[Tensor | None, dic
     return method.train_loss(model, PruneContext(progress=False), batch, losses), losses
 
 
-def test_train_loss_uses_the_loss_pass_and_survives_copies(trace_toy) -> None:
+def test_train_loss_uses_the_loss_pass_neck_maps(trace_toy) -> None:
     method = LDT()
     batch = _toy_batch([[0, 1], [1, 0], [0, 1], [1, 0]])
-    extra, _ = _train_step(trace_toy, method, batch)  # first call: hook attached, pass recomputed
+    extra, _ = _train_step(trace_toy, method, batch)  # called without the neck maps: recomputed
     assert extra is not None and torch.isfinite(extra)
     assert method.stats()["train"]["recomputed"] == 1
+    # the shared loop hands over the maps of the pass that computed the losses
     captured = []
     probe = trace_toy.conv2.register_forward_hook(lambda m, a, out: captured.append(out))
-    extra, _ = _train_step(trace_toy, method, batch)
+    trace_toy.train()
+    losses = trace_toy.loss(*batch)
     probe.remove()
+    extra = method.train_loss(trace_toy, PruneContext(progress=False), batch, losses, [captured[0]])
     assert method.stats()["train"]["recomputed"] == 1  # the loss pass's features were used
     inst, _ = map_instances(*batch, (16, 16))
     X = inst.features(captured[0], 1)
@@ -254,16 +257,24 @@ def test_train_loss_uses_the_loss_pass_and_survives_copies(trace_toy) -> None:
     (grad,) = torch.autograd.grad(extra, trace_toy.conv1.weight)
     assert grad.abs().sum() > 0
 
-    clone = copy.deepcopy(trace_toy)  # the budget's probes deep-copy a hooked model
-    clone.train()
-    clone.loss(*batch)
-    assert method._latest is None  # the copy's hook is inert
-    extra, _ = _train_step(clone, method, batch)  # a new model: the hook moves to it
-    assert extra is not None and method.stats()["train"]["recomputed"] == 2
-    method.detach()
-    trace_toy.train()
-    trace_toy.loss(*batch)
-    assert method._latest is None
+
+def test_training_loop_passes_the_neck_maps_of_its_step(trace_toy) -> None:
+    from methods.training import Schedule, Trainer
+
+    seen: list[tuple[int, int]] = []
+    captured = []
+    probe = trace_toy.conv2.register_forward_hook(lambda m, a, out: captured.append(out))
+
+    def extra(model, batch, losses, neck):
+        seen.append((id(neck[0]), id(captured[-1])))
+        return None
+
+    samples = list(zip(*_toy_batch([[0, 1], [1, 0], [0, 1], [1, 0]]), strict=True))
+    trainer = Trainer(trace_toy, samples, Schedule(batch_size=2, flip=0.0), extra_loss=extra, progress=False)
+    trainer.steps(3)
+    probe.remove()
+    assert len(seen) == 3 and all(a == b for a, b in seen)  # the very tensors of the loss pass
+    assert trace_toy.conv2._forward_hooks == {}  # the loop's capture is gone with it
 
 
 def test_degenerate_batches_are_skipped_and_counted(trace_toy) -> None:
@@ -330,11 +341,12 @@ def test_tiny_fcos_prunes_to_the_budget_and_keeps_training(tmp_path) -> None:
     assert [o.shape for o in model.core(model.example_input())] == shapes
     notes = report.notes["ldt"]
     assert len(notes["discriminants"]) == len(model.strides)
-    assert notes["unscored_groups"] and all(n.startswith("head.") for n in notes["unscored_groups"])
+    unscored = report.notes["unscored_groups"]
+    assert unscored and all(n.startswith("head.") for n in unscored)
     assert not any(name.startswith("head.") for name in report.layers)  # D never reaches the head
     extra, _ = _train_step(model, method, batch)  # re-training on the pruned model
     assert extra is not None and torch.isfinite(extra)
-    assert notes["train_counters"]["batches"] == 2  # the report's training counters stay live
+    assert method.stats()["train"]["batches"] == 2
     assert notes["trace_counters"]["batches"] == 2  # calibration: one pooling pass, one tracing pass
 
 

@@ -13,8 +13,9 @@ import methods.px  # noqa: F401  (registers "px")
 from detectors import build_detector
 from detectors.base import Detector
 from methods.base import MethodError, PruneContext, Target, build_method
-from methods.budget import count_params, score_groups
+from methods.groups import score_groups
 from methods.px import PathPasses, filter_saliency, path_objective, px_saliencies, px_saliency
+from methods.sizes import count_params
 
 
 class _Toy(Detector):
@@ -221,7 +222,7 @@ def test_rounds_reach_the_budget(target: str, round_to: int) -> None:
 
 def test_errors(convnet: ConvNet) -> None:
     with pytest.raises(MethodError, match="calibration"):
-        build_method("px").prune(convnet, PruneContext(), Target.parse("params:0.2"))
+        build_method("px").prune(convnet, PruneContext(round_to=1), Target.parse("params:0.2"))
     with pytest.raises(MethodError, match="rounds"):
         build_method("px", rounds=0)
     ctx = PruneContext(round_to=1, max_layer_ratio=0.2, calibration=[(_images(), [{}] * 3)])

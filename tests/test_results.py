@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sqlite3
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def make_row(cell_id: str = "c1", **over: object) -> dict:
 
 def test_schema_is_defined_once() -> None:
     names = [n for n, _ in COLUMNS]
-    assert names[0] == "cell_id" and len(names) == len(set(names)) == 41
+    assert names[0] == "cell_id" and len(names) == len(set(names)) == 53
     assert {t for _, t in COLUMNS} == {"TEXT", "REAL", "INTEGER"}
 
 
@@ -178,6 +179,18 @@ def test_schema_mismatch_is_refused(tmp_path: Path) -> None:
         ResultStore(path)
 
 
+def test_an_older_store_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    ResultStore(path).put(make_row("old"))
+    with sqlite3.connect(path) as conn:  # as written before one-shot mAP was measured
+        conn.execute("ALTER TABLE results DROP COLUMN oneshot_map")
+    store = ResultStore(path)
+    store.put(make_row("new", oneshot_map=0.25))
+    df = store.frame().set_index("cell_id")
+    assert math.isnan(df.loc["old", "oneshot_map"]) and df.loc["new", "oneshot_map"] == 0.25
+    assert list(df.reset_index().columns) == [n for n, _ in COLUMNS]
+
+
 def test_import_results_does_not_import_torch() -> None:
     code = "import sys, results; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
@@ -230,6 +243,13 @@ def grid_frame() -> pd.DataFrame:
                         core_ms_median=10.0 * (1 - rate),
                         core_ms_p90=11.0,
                         predict_ms_median=12.0,
+                        oneshot_map=0.10 - i / 100,
+                        oneshot_ap50=0.20 - i / 100,
+                        finetune_epochs=1,
+                        speedup_core=1.5,
+                        speedup_core_lo=1.4,
+                        speedup_core_hi=1.6,
+                        efficiency_core=1.5 * (1 - rate),
                     )
                 )
     return pd.DataFrame(rows[::-1])
@@ -243,31 +263,34 @@ def table_lines(md: str) -> list[list[str]]:
 def test_write_reports_files_and_order(tmp_path: Path) -> None:
     paths = write_reports(grid_frame(), tmp_path / "smoke", "smoke")
     names = sorted(p.name for p in paths)
-    expected = [
-        f"{d}{s}"
-        for d in ("coco", "kitti")
-        for s in (".csv", ".md", ".tex", "_map_vs_latency.png", "_map_vs_pr.png")
-    ]
-    assert names == expected
+    suffixes = (".csv", ".md", ".tex", "_map_vs_pr.png", "_map_vs_speedup.png", "_summary.csv")
+    assert names == sorted(f"{d}{s}" for d in ("coco", "kitti") for s in suffixes)
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths if p.suffix == ".png")
 
     md = (tmp_path / "smoke" / "coco.md").read_text()
     assert md.startswith("# smoke — coco")
     assert "Test CPU" in md and "4 threads" in md and "device cpu" in md
-    assert "mAP = AP@[.5:.95]" in md
+    assert "mAP = AP@[.5:.95]" in md and "One seed (0): no spread is known" in md
+    assert "A GMACs ratio is not a speed-up" in md
     rows = table_lines(md)
     assert [r[1] for r in rows] == ["base", "chip", "chip", "hrank", "hrank"]
     assert [r[2] for r in rows] == ["-", "params:0.3", "params:0.5", "params:0.3", "params:0.5"]
+    assert [r[3] for r in rows] == ["1"] * 5  # n: one seed each
     # PR% = achieved params reduction x100, one decimal; GFLOPs = 2 x GMACs
-    assert [r[3] for r in rows] == ["0.0", "30.2", "50.2", "30.1", "50.1"]
-    assert rows[1][5:8] == ["1.400", "2.800", "3.500"]
-    assert [r[8] for r in rows] == ["40.0", "36.0", "34.0", "37.0", "35.0"]  # COCO: mAP = map
-    assert rows[0][10:] == ["10.00", "-", "-"]
+    assert [r[4] for r in rows] == ["0.0", "30.2", "50.2", "30.1", "50.1"]
+    assert rows[1][6:9] == ["1.400", "2.800", "3.500"]
+    assert [r[9] for r in rows] == ["-", "9.0", "9.0", "10.0", "10.0"]  # one-shot mAP
+    assert [r[10] for r in rows] == ["40.0", "36.0", "34.0", "37.0", "35.0"]  # COCO: mAP = map
+    assert [r[12] for r in rows] == ["-", "-", "-", "best", "best"]  # no spread: nothing is within it
+    assert rows[1][14] == "1.50 [1.40, 1.60]" and rows[1][15] == "1.05"
+    assert rows[0][13:] == ["10.00", "-", "-", "-"]
 
     kitti = (tmp_path / "smoke" / "kitti.md").read_text()
     assert "mAP = AP@0.5" in kitti
-    assert [r[8] for r in table_lines(kitti)] == ["60.0", "56.0", "54.0", "57.0", "55.0"]  # ap50
+    kitti_rows = table_lines(kitti)
+    assert [r[10] for r in kitti_rows] == ["60.0", "56.0", "54.0", "57.0", "55.0"]  # ap50
+    assert [r[9] for r in kitti_rows] == ["-", "19.0", "19.0", "20.0", "20.0"]
 
     csv = pd.read_csv(tmp_path / "smoke" / "coco.csv")
     assert list(csv["method"]) == ["base", "chip", "chip", "hrank", "hrank"]
@@ -282,6 +305,10 @@ def test_write_reports_files_and_order(tmp_path: Path) -> None:
         "predict_ms_p90",
         "gflops",
         "achieved_flops_pr",
+        "oneshot_map",
+        "speedup_core_lo",
+        "efficiency_core",
+        "finetune_epochs",
     } <= set(csv.columns)
     assert csv.loc[1, "ap75"] == 0.3 and csv.loc[0, "threads"] == 4
 
@@ -379,7 +406,44 @@ def test_sparse_and_empty_frames(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         paths = write_reports(frame, tmp_path / "out", "smoke")
-    assert len(paths) == 5
+    assert len(paths) == 6
     rows = table_lines((tmp_path / "out" / "synthetic.md").read_text())
     assert [r[:2] for r in rows] == [["fcos", "base"], ["yolox", "l1"]]
-    assert rows[1][8] == "-"
+    assert rows[1][10] == "-"
+
+
+def _replicates() -> pd.DataFrame:
+    """3 seeds of base + chip/hrank at params:0.3: hrank clearly best, chip within its spread
+    at 1 epoch of fine-tuning; two fine-tuning budgets."""
+    rows = []
+    for seed, jitter in zip((0, 1, 2), (-0.02, 0.0, 0.02), strict=True):
+        rows.append(make_row(f"base-{seed}", seed=seed, method="base", target="", target_kind="",
+                             target_rate=None, achieved_params_pr=0.0, map=0.40 + jitter))  # fmt: skip
+        for epochs in (1, 4):
+            for method, level in (("hrank", 0.30), ("chip", 0.29 if epochs == 1 else 0.10)):
+                extra = {"finetune_epochs": epochs, "oneshot_map": 0.05, "speedup_core": 1.2 + jitter}
+                rows.append(
+                    make_row(
+                        f"{method}-{seed}-{epochs}", seed=seed, method=method, map=level + jitter, **extra
+                    )
+                )
+    return pd.DataFrame(rows)
+
+
+def test_seeds_are_replicates_with_mean_std_and_marks(tmp_path: Path) -> None:
+    paths = write_reports(_replicates(), tmp_path, "smoke")
+    assert "synthetic_recovery.png" in {p.name for p in paths}  # several fine-tuning budgets
+    md = (tmp_path / "synthetic.md").read_text()
+    assert "Seeds 0, 1, 2, each a full replicate" in md
+    rows = table_lines(md)
+    headers = [c.strip() for c in md.splitlines()[[ln.startswith("|") for ln in md.splitlines()].index(True)]
+               .strip("|").split("|")]  # fmt: skip
+    col = {h: i for i, h in enumerate(headers)}
+    assert "FT ep" in col
+    by = {(r[col["Method"]], r[col["FT ep"]]): r for r in rows}
+    assert by[("base", "-")][col["mAP"]] == "40.0 ± 2.0" and by[("base", "-")][col["n"]] == "3"
+    assert by[("hrank", "1")][col["vs best"]] == "best" and by[("chip", "1")][col["vs best"]] == "≈"
+    assert by[("chip", "4")][col["vs best"]] == "" and by[("hrank", "4")][col["vs best"]] == "best"
+    assert by[("hrank", "1")][col["speed-up [95% CI]"]] == "1.20 ± 0.02"
+    summary = pd.read_csv(tmp_path / "synthetic_summary.csv")
+    assert set(summary["n"]) == {3} and summary["map_std"].round(4).max() == 0.02

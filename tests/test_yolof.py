@@ -14,7 +14,7 @@ from detectors.yolof import (
     uniform_assign,
     uniform_match,
 )
-from methods.budget import count_params
+from methods.sizes import count_params
 
 NUM_CLASSES = 3
 

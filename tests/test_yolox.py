@@ -18,7 +18,7 @@ from detectors.yolox import (
     simota_assign,
 )
 from methods import PruneContext, Target, build_method
-from methods.budget import count_params
+from methods.sizes import count_params
 
 
 def _targets() -> list[dict[str, torch.Tensor]]:

@@ -1,0 +1,196 @@
+"""Dependency groups and channel removal: what every method's scores are attached to.
+
+torch-pruning builds the dependency graph of ``core`` and groups the layers that must lose the
+same channel indices (residual additions, concatenations, FPN laterals, norms). A group is rooted
+at a prunable conv/linear; its *members* lose output channels, its *consumers* the matching input
+channels. Methods give per-layer channel scores; ``ChannelScores`` turns them into one score per
+channel of a group the same way for every method, and ``apply_removal`` removes the lowest ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from detectors.base import Detector
+
+from .types import MethodError
+
+ROOT_TYPES = (nn.Conv2d, nn.Linear)
+ACTIVATIONS: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.RReLU,
+    nn.SiLU,
+    nn.GELU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Mish,
+    nn.Hardswish,
+)
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+
+
+def dependency_graph(model: Detector) -> tp.DependencyGraph:
+    """torch-pruning traces with autograd, so grad mode is forced on here."""
+    with torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(
+            model, example_inputs=model.example_input(), forward_fn=lambda m, x: m.core(x), verbose=False
+        )
+
+
+def prunable_groups(model: Detector, graph: tp.DependencyGraph) -> list[tp.Group]:
+    """The groups every method scores: rooted at a conv/linear whose outputs are not fixed."""
+    return graph.get_all_groups(ignored_layers=model.prune_ignored(), root_module_types=ROOT_TYPES)
+
+
+def fixed_layers(model: Detector) -> set[int]:
+    """Ids of the layers whose output channels the task fixes (predictors)."""
+    return {id(m) for m in model.prune_ignored()}
+
+
+def run_core_once(model: Detector, handles: list) -> None:
+    """One eval-mode ``core`` pass on the example input, then the hooks go and the mode returns."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.core(model.example_input())
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+@dataclass
+class Group:
+    """A prunable dependency group in the model's current state.
+
+    ``members``: conv/linear layers losing output channels (reported); ``producers``: every named
+    layer losing output channels (norms too: costs); ``consumers``: the conv/linear layers losing
+    input channels, with ``idxs`` (their channels) and ``root_idxs`` (the group's channels).
+    """
+
+    root: str
+    size: int
+    members: list[str]
+    producers: list[tuple[str, nn.Module]]
+    consumers: list[tuple[str, nn.Module, list[int], list[int]]]
+
+
+def describe_groups(model: Detector, graph: tp.DependencyGraph | None = None) -> list[Group]:
+    graph = graph if graph is not None else dependency_graph(model)
+    names = {m: n for n, m in model.named_modules()}
+    out = []
+    for group in prunable_groups(model, graph):
+        members, producers, consumers, seen = [], [], [], set()
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            name = names.get(module)
+            if name is None or (name, handler) in seen:
+                continue
+            seen.add((name, handler))
+            if graph.is_out_channel_pruning_fn(handler):
+                producers.append((name, module))
+                if isinstance(module, ROOT_TYPES):
+                    members.append(name)
+            elif graph.is_in_channel_pruning_fn(handler) and isinstance(module, ROOT_TYPES):
+                consumers.append((name, module, list(item.idxs), list(item.root_idxs)))
+        out.append(
+            Group(names[group[0].dep.target.module], len(group[0].idxs), members, producers, consumers)
+        )
+    return out
+
+
+class ChannelScores(tp.importance.Importance):
+    """Per-layer channel scores (by layer name) -> one score per channel of a dependency group.
+
+    The scores of the group's output-pruned layers are summed at the group's indices (each layer
+    once; ``root_only``: the root layer alone, for single-layer criteria). A group none of whose
+    layers has a score returns ``None`` (never pruned) and is listed in ``unscored``.
+    """
+
+    def __init__(self, model: nn.Module, layer_scores: dict[str, Tensor], root_only: bool = False) -> None:
+        self.layer_scores = layer_scores
+        self.names = {m: n for n, m in model.named_modules()}
+        self.root_only = root_only
+        self.unscored: list[str] = []
+
+    @torch.no_grad()
+    def __call__(self, group: tp.Group, **kwargs: Any) -> Tensor | None:
+        graph = group._DG
+        total = torch.zeros(len(group[0].idxs), dtype=torch.float64)
+        found, seen = False, set()
+        for i, item in enumerate(group):
+            if self.root_only and i > 0:
+                break
+            name = self.names.get(item.dep.target.module)
+            if name not in self.layer_scores or name in seen:
+                continue
+            if not graph.is_out_channel_pruning_fn(item.dep.handler) or any(
+                r is None for r in item.root_idxs
+            ):
+                continue
+            seen.add(name)
+            scores = self.layer_scores[name].detach().to("cpu", torch.float64)
+            total.index_add_(0, torch.as_tensor(item.root_idxs), scores[torch.as_tensor(item.idxs)])
+            found = True
+        if not found:
+            self.unscored.append(self.names.get(group[0].dep.target.module, "?"))
+            return None
+        return total
+
+
+@dataclass
+class GroupScores:
+    """One scored group: its root, its coupled layers, its channels by ascending score."""
+
+    root: str
+    members: list[str]
+    order: Tensor
+    sorted_scores: Tensor
+    consumers: list[str] = field(default_factory=list)
+
+
+def score_groups(model: Detector, importance: tp.importance.Importance) -> list[GroupScores]:
+    """Score every prunable group of the model as it is now (eval mode)."""
+    was_training = model.training
+    model.eval()
+    graph = dependency_graph(model)
+    described = {g.root: g for g in describe_groups(model, graph)}
+    names = {m: n for n, m in model.named_modules()}
+    groups = []
+    for group in prunable_groups(model, graph):
+        with torch.no_grad():
+            scores = importance(group)
+        if scores is None:
+            continue
+        scores = scores.detach().double().cpu()
+        root = names[group[0].dep.target.module]
+        if not torch.isfinite(scores).all():
+            raise MethodError(f"importance of group '{root}' is not finite")
+        sorted_scores, order = torch.sort(scores, stable=True)
+        info = described[root]
+        groups.append(GroupScores(root, info.members, order, sorted_scores, [c[0] for c in info.consumers]))
+    model.train(was_training)
+    return groups
+
+
+def apply_removal(model: Detector, groups: list[GroupScores], counts: dict[str, int]) -> None:
+    """Remove the ``counts[root]`` lowest-scored channels of each group, in place, in group order."""
+    graph = dependency_graph(model)
+    modules = dict(model.named_modules())
+    for g in groups:
+        n = counts.get(g.root, 0)
+        if n <= 0:
+            continue
+        layer = modules[g.root]
+        pruner = graph.get_pruner_of_module(layer)
+        graph.get_pruning_group(layer, pruner.prune_out_channels, g.order[:n].tolist()).prune()

@@ -1,0 +1,277 @@
+"""The one training loop: baselines, fine-tuning and the training between pruning rounds.
+
+SGD with momentum (or AdamW), linear warm-up then cosine decay per iteration, gradient clipping
+(a freshly pruned network can spike), horizontal flips. Like detectron2's single loop, what
+differs between its users comes in as hooks, never as a second loop:
+
+* ``extra_loss(model, batch, losses, neck)``: a method's own term (LDT's discriminant loss),
+  given the neck maps of the very forward pass that computed ``losses``;
+* ``hooks``: objects with optional ``before_train(model)``, ``after_backward(model)`` and
+  ``after_train(model)`` (GroupFisher collects its Fisher sums between backward and step).
+
+``Trainer.epochs`` runs a whole schedule; ``Trainer.steps(n)`` runs ``n`` more iterations of the
+same endless, seeded stream of batches (warm-up, then a constant rate: the total is not known
+when a method prunes until its budget is met), with a fresh optimizer because pruning changes
+the parameters' shapes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from detectors.base import Detector
+
+ExtraLoss = Callable[[Detector, Any, dict[str, Tensor], "list[Tensor] | None"], "Tensor | None"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    optimizer: str = "sgd"  # or "adamw"
+    epochs: int = 12
+    batch_size: int = 16
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    clip_grad_norm: float = 10.0
+    flip: float = 0.5
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> Schedule:
+        values = dict(values or {})
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown schedule key(s): {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[dict]]:
+    """Keep images as a list: detectors batch and resize them themselves."""
+    images, targets = zip(*batch, strict=True)
+    return list(images), list(targets)
+
+
+class RandomHorizontalFlip:
+    """Mirror the image left-right with probability ``p``, and ``boxes`` / ``ignore_boxes`` with it.
+
+    Draws from torch's global generator, so DataLoader workers (seeded per worker) stay reproducible.
+    """
+
+    def __init__(self, p: float = 0.5) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be in [0, 1], got {p}")
+        self.p = p
+
+    def __call__(self, image: Tensor, target: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        if self.p == 0.0 or torch.rand(()).item() >= self.p:
+            return image, target
+        width = image.shape[-1]
+        target = dict(target)  # never mutate the caller's dict
+        for key in ("boxes", "ignore_boxes"):
+            if key in target:
+                flipped = target[key][:, [2, 1, 0, 3]].clone()
+                flipped[:, [0, 2]] = width - flipped[:, [0, 2]]
+                target[key] = flipped
+        return image.flip(-1), target
+
+    def __repr__(self) -> str:
+        return f"RandomHorizontalFlip(p={self.p})"
+
+
+class _Augmented(Dataset):
+    def __init__(self, dataset: Any, flip: float) -> None:
+        self.dataset, self.flip = dataset, RandomHorizontalFlip(flip)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.flip(*self.dataset[index])
+
+
+def _lr_factor(iteration: int, total: int | None, warmup: int) -> float:
+    if iteration < warmup:
+        return 0.001 + (1 - 0.001) * iteration / warmup
+    if total is None:
+        return 1.0
+    progress = (iteration - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _optimizer(model: Detector, schedule: Schedule) -> torch.optim.Optimizer:
+    if schedule.optimizer == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=schedule.lr, momentum=schedule.momentum, weight_decay=schedule.weight_decay
+        )
+    if schedule.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
+    raise ValueError(f"unknown optimizer '{schedule.optimizer}': use 'sgd' or 'adamw'")
+
+
+def _call(hooks: Sequence[Any], name: str, model: Detector) -> None:
+    for hook in hooks:
+        fn = getattr(hook, name, None)
+        if fn is not None:
+            fn(model)
+
+
+def _to(device: torch.device, images: list[Tensor], targets: list[dict]) -> tuple[list, list]:
+    return [im.to(device) for im in images], [
+        {k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets
+    ]
+
+
+class Trainer:
+    """Trains ``model`` in place on shuffled, flipped batches of ``dataset`` (see the module doc)."""
+
+    def __init__(
+        self,
+        model: Detector,
+        dataset: Any,
+        schedule: Schedule,
+        *,
+        seed: int = 0,
+        extra_loss: ExtraLoss | None = None,
+        desc: str = "train",
+        progress: bool = True,
+    ) -> None:
+        self.model, self.schedule, self.seed = model, schedule, seed
+        self.extra_loss, self.desc, self.progress = extra_loss, desc, progress
+        self.loader = DataLoader(
+            _Augmented(dataset, schedule.flip),
+            batch_size=schedule.batch_size,
+            shuffle=True,
+            drop_last=len(dataset) > schedule.batch_size,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self.iterations = 0
+        self._stream: Iterator | None = None
+
+    def epochs(self, hooks: Sequence[Any] = ()) -> dict[str, float]:
+        """The whole schedule; returns the last epoch's mean loss and the seconds spent."""
+        model, schedule = self.model, self.schedule
+        optimizer = _optimizer(model, schedule)
+        total = schedule.epochs * len(self.loader)
+        warmup = min(schedule.warmup_iters, total // 4)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: _lr_factor(it, total, warmup))
+        torch.manual_seed(self.seed)
+        start, mean_loss = time.perf_counter(), float("nan")
+        with self._session(total, hooks) as bar:
+            for epoch in range(schedule.epochs):
+                model.set_epoch(epoch, schedule.epochs)
+                running, steps = 0.0, 0
+                for images, targets in self.loader:
+                    running, steps = (
+                        running + self._step(images, targets, optimizer, scheduler, hooks, bar),
+                        steps + 1,
+                    )
+                mean_loss = running / max(1, steps)
+        return {"loss": mean_loss, "seconds": time.perf_counter() - start}
+
+    def steps(self, n: int, hooks: Sequence[Any] = ()) -> dict[str, float]:
+        """``n`` more iterations of the endless stream, warm-up counted from the first call."""
+        if self._stream is None:
+            torch.manual_seed(self.seed)
+            self._stream = self._endless()
+        optimizer = _optimizer(self.model, self.schedule)
+        warmup, first = self.schedule.warmup_iters, self.iterations
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda it: _lr_factor(first + it, None, warmup)
+        )
+        start, running = time.perf_counter(), 0.0
+        with self._session(n, hooks) as bar:
+            for _ in range(n):
+                images, targets = next(self._stream)
+                running += self._step(images, targets, optimizer, scheduler, hooks, bar)
+        return {"loss": running / max(1, n), "seconds": time.perf_counter() - start}
+
+    def _endless(self) -> Iterator[tuple[list, list]]:
+        while True:
+            yield from self.loader
+
+    def _session(self, total: int, hooks: Sequence[Any]):
+        trainer = self
+
+        class Session:
+            def __enter__(self) -> tqdm:
+                trainer.model.train()
+                trainer._neck_handle = None
+                if trainer.extra_loss is not None:  # the extra loss sees this pass's neck maps
+                    trainer._neck_handle = trainer.model.neck.register_forward_hook(trainer._keep_neck)
+                _call(hooks, "before_train", trainer.model)
+                self.bar = tqdm(
+                    total=total,
+                    desc=trainer.desc,
+                    disable=not trainer.progress,
+                    leave=False,
+                    dynamic_ncols=True,
+                )
+                return self.bar
+
+            def __exit__(self, *exc: Any) -> None:
+                self.bar.close()
+                if trainer._neck_handle is not None:
+                    trainer._neck_handle.remove()
+                trainer._neck = None
+                _call(hooks, "after_train", trainer.model)
+                trainer.model.zero_grad(set_to_none=True)
+                trainer.model.eval()
+
+        return Session()
+
+    def _keep_neck(self, module: Any, args: Any, output: Any) -> None:
+        self._neck = output
+
+    def _step(self, images, targets, optimizer, scheduler, hooks, bar) -> float:
+        model = self.model
+        images, targets = _to(next(model.parameters()).device, images, targets)
+        self._neck = None
+        losses = model.loss(images, targets)
+        loss = sum(losses.values())
+        if self.extra_loss is not None:
+            neck = neck_maps(self._neck) if self._neck is not None else None
+            extra = self.extra_loss(model, (images, targets), losses, neck)
+            if extra is not None:
+                loss = loss + extra
+        self._neck = None
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.desc}: loss became {loss.item()} at step {self.iterations}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _call(hooks, "after_backward", model)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), self.schedule.clip_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        self.iterations += 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        return loss.item()
+
+
+def neck_maps(output: Any) -> list[Tensor]:
+    """The per-scale maps of a neck's output: a tensor, a list/tuple, or a (Ordered)dict."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return list(output.values())
+    if isinstance(output, (list, tuple)) and all(isinstance(t, Tensor) for t in output):
+        return list(output)
+    raise ValueError(f"the neck returned {type(output).__name__}, not feature maps")
+
+
+def train(model: Detector, dataset: Any, schedule: Schedule, **options: Any) -> dict[str, float]:
+    """Train ``model`` in place for the whole ``schedule`` (``options``: ``Trainer``'s keywords)."""
+    return Trainer(model, dataset, schedule, **options).epochs()

@@ -1,0 +1,124 @@
+"""The plots of a dataset's summary: mAP against pruning rate, against paired speed-up, and
+the recovery of mAP with fine-tuning epochs. Error bars are the std over seeds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+METRIC_LABEL = {"map": "AP@[.5:.95]", "ap50": "AP@0.5"}
+
+
+def _colors(summary: pd.DataFrame) -> dict[str, Any]:
+    """One colour per method for the whole dataset, so a method looks the same in every panel."""
+    cmap = colormaps["tab10"]
+    methods = sorted(set(summary.loc[~summary["is_base"], "method"]))
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def _panels(detectors: list[str], title: str) -> tuple[Figure, list[Any]]:
+    ncols = min(len(detectors), 3)
+    nrows = math.ceil(len(detectors) / ncols)
+    fig = Figure(figsize=(5.0 * ncols, 4.0 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel().tolist()
+    for ax in axes[len(detectors) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, axes[: len(detectors)]
+
+
+def _label(method: str, regime: str) -> str:
+    return method if regime == "plain" else f"{method} ({regime})"
+
+
+def _err(rows: pd.DataFrame, name: str, scale: float = 1.0) -> Any:
+    std = rows[f"{name}_std"] * scale
+    return None if std.isna().all() else std.fillna(0.0)
+
+
+def _series(sub: pd.DataFrame, x: str, metric: str) -> list[tuple[str, str, pd.DataFrame]]:
+    """(method, label, rows sorted by x) per pruned series at the longest fine-tuning."""
+    rows = sub[~sub["is_base"]].dropna(subset=[x, metric])
+    if rows["finetune_epochs"].notna().any():
+        rows = rows[rows["finetune_epochs"] == rows["finetune_epochs"].max()]
+    out = [
+        (method, _label(method, regime), grp.sort_values([x, "cell_id"]))
+        for (regime, method), grp in rows.groupby(["regime", "method"])
+    ]
+    return sorted(out, key=lambda s: (s[0], s[1]))
+
+
+def _finish(ax: Any, det: str, xlabel: str, metric: str) -> None:
+    ax.set_title(det)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"mAP ({METRIC_LABEL[metric]}, %)")
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
+
+
+def _bases(ax: Any, sub: pd.DataFrame, metric: str) -> None:
+    for regime, base in sub[sub["is_base"]].dropna(subset=[metric]).groupby("regime"):
+        style = "--" if regime == "plain" else ":"
+        ax.axhline(base[metric].mean() * 100, color="black", linestyle=style, label=_label("base", regime))
+
+
+def plot_map_vs_pr(summary: pd.DataFrame, metric: str, title: str, path: Path) -> None:
+    """Per detector: one line per method over achieved PR%, the base as a dashed level."""
+    detectors = sorted(set(summary["detector"]))
+    colors = _colors(summary)
+    fig, axes = _panels(detectors, title)
+    for ax, det in zip(axes, detectors, strict=True):
+        sub = summary[summary["detector"] == det]
+        _bases(ax, sub, metric)
+        for method, label, rows in _series(sub, "achieved_params_pr", metric):
+            ax.errorbar(rows["achieved_params_pr"] * 100, rows[metric] * 100, yerr=_err(rows, metric, 100),
+                        marker="o", capsize=3, color=colors[method], label=label)  # fmt: skip
+        _finish(ax, det, "achieved parameter reduction PR (%)", metric)
+    fig.savefig(path, dpi=100)
+
+
+def plot_map_vs_speedup(summary: pd.DataFrame, metric: str, title: str, path: Path) -> None:
+    """Per detector: mAP against the core() speed-up measured against the base (base at 1)."""
+    detectors = sorted(set(summary["detector"]))
+    colors = _colors(summary)
+    fig, axes = _panels(detectors, title)
+    for ax, det in zip(axes, detectors, strict=True):
+        sub = summary[summary["detector"] == det]
+        for regime, base in sub[sub["is_base"]].dropna(subset=[metric]).groupby("regime"):
+            marker = "*" if regime == "plain" else "X"
+            ax.scatter([1.0], [base[metric].mean() * 100], marker=marker, s=180, color="black",
+                       label=_label("base", regime), zorder=3)  # fmt: skip
+        for method, label, rows in _series(sub, "speedup_core", metric):
+            ax.errorbar(rows["speedup_core"], rows[metric] * 100, xerr=_err(rows, "speedup_core"),
+                        yerr=_err(rows, metric, 100), fmt="o", capsize=3, color=colors[method],
+                        label=label)  # fmt: skip
+        _finish(ax, det, "core() speed-up against its base (×)", metric)
+    fig.savefig(path, dpi=100)
+
+
+def plot_recovery(summary: pd.DataFrame, metric: str, title: str, path: Path) -> None:
+    """Per detector: mAP after 0 (one-shot), 1, 2, ... fine-tuning epochs, per method and target."""
+    detectors = sorted(set(summary["detector"]))
+    colors = _colors(summary)
+    oneshot = f"oneshot_{metric}"
+    fig, axes = _panels(detectors, title)
+    for ax, det in zip(axes, detectors, strict=True):
+        sub = summary[(summary["detector"] == det) & ~summary["is_base"]]
+        _bases(ax, summary[summary["detector"] == det], metric)
+        for (regime, method, target), grp in sub.groupby(["regime", "method", "target"]):
+            grp = grp.sort_values("finetune_epochs")
+            xs = [0.0, *grp["finetune_epochs"]]
+            ys = [grp[oneshot].mean() * 100, *(grp[metric] * 100)]
+            style = "-" if target == sorted(set(sub["target"]))[0] else "--"
+            ax.plot(xs, ys, marker="o", linestyle=style, color=colors[method],
+                    label=f"{_label(method, regime)} {target}")  # fmt: skip
+        _finish(ax, det, "fine-tuning epochs (0 = one-shot)", metric)
+    fig.savefig(path, dpi=100)
