@@ -36,7 +36,8 @@ def _report(suite_arg: str, results_dir: Path, overrides: dict) -> list[Path]:
     store_path = out_dir / "results.sqlite"
     if not store_path.is_file():
         raise SuiteError(f"no results for suite '{suite.name}' at {store_path}; run it first")
-    frame = ResultStore(store_path).frame(suite.name)
+    # a cell is its id (what determines it), whichever suite ran it: smoke-seeds reuses smoke's seed 0
+    frame = ResultStore(store_path).frame()
     frame = frame[frame["cell_id"].isin({c.cell_id for c in suite.cells()})]
     paths = write_reports(frame, out_dir, suite.name)
     for dataset in sorted(frame["dataset"].unique()):
@@ -57,7 +58,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     reference = reference_store(suite.name)
     if reference is not None and reference.resolve() != (out_dir / "results.sqlite").resolve():
         print(f"\n## {suite.name}: this run beside the reference run ({reference.parent})\n")
-        print(compare(ResultStore(out_dir).frame(suite.name), ResultStore(reference).frame(suite.name)))
+        ids = {c.cell_id for c in suite.cells()}
+        here = ResultStore(out_dir).frame()
+        print(compare(here[here["cell_id"].isin(ids)], ResultStore(reference).frame()))
     print(f"\ntables and plots of this run: {out_dir}/ ({len(paths)} files)")
     return 0
 

@@ -34,6 +34,16 @@ def test_packaged_suites_load() -> None:
     assert load_suite("ldt_ablation").cells()
 
 
+def test_seeded_smoke_is_the_smoke_grid_with_three_seeds() -> None:
+    smoke, seeded = load_suite("smoke"), load_suite("smoke-seeds")
+    assert smoke.seeds == [0] and seeded.seeds == [0, 1, 2]
+    one, three = {c.cell_id for c in smoke.cells()}, {c.cell_id for c in seeded.cells()}
+    assert one < three and len(three) == 3 * len(one)  # seed 0's cells are smoke's own cells
+    assert {k: v for k, v in seeded.raw.items() if k not in ("name", "description", "seeds")} == {
+        k: v for k, v in smoke.raw.items() if k not in ("name", "description", "seeds")
+    }
+
+
 def test_cell_ids_change_with_what_shapes_them(tmp_path: Path) -> None:
     text = 'methods = ["l1"]\ntargets = ["params:0.3"]\n[[experiments]]\ndetector = "fcos"\n'
     text += 'dataset = "synthetic-coco"\n'
