@@ -34,6 +34,16 @@ def _panels(detectors: list[str], title: str) -> tuple[Figure, list[Any]]:
     return fig, axes[: len(detectors)]
 
 
+def _per_detector(
+    summary: pd.DataFrame, title: str
+) -> tuple[Figure, list[tuple[Any, str, pd.DataFrame]], Any]:
+    """The figure, one (axis, detector, its rows) per panel, and the method colours."""
+    detectors = sorted(set(summary["detector"]))
+    fig, axes = _panels(detectors, title)
+    panels = [(ax, det, summary[summary["detector"] == det]) for ax, det in zip(axes, detectors, strict=True)]
+    return fig, panels, _colors(summary)
+
+
 def _label(method: str, regime: str) -> str:
     return method if regime == "plain" else f"{method} ({regime})"
 
@@ -72,11 +82,8 @@ def _bases(ax: Any, sub: pd.DataFrame, metric: str) -> None:
 
 def plot_map_vs_pr(summary: pd.DataFrame, metric: str, title: str, path: Path) -> None:
     """Per detector: one line per method over achieved PR%, the base as a dashed level."""
-    detectors = sorted(set(summary["detector"]))
-    colors = _colors(summary)
-    fig, axes = _panels(detectors, title)
-    for ax, det in zip(axes, detectors, strict=True):
-        sub = summary[summary["detector"] == det]
+    fig, panels, colors = _per_detector(summary, title)
+    for ax, det, sub in panels:
         _bases(ax, sub, metric)
         for method, label, rows in _series(sub, "achieved_params_pr", metric):
             ax.errorbar(rows["achieved_params_pr"] * 100, rows[metric] * 100, yerr=_err(rows, metric, 100),
@@ -87,11 +94,8 @@ def plot_map_vs_pr(summary: pd.DataFrame, metric: str, title: str, path: Path) -
 
 def plot_map_vs_speedup(summary: pd.DataFrame, metric: str, title: str, path: Path) -> None:
     """Per detector: mAP against the core() speed-up measured against the base (base at 1)."""
-    detectors = sorted(set(summary["detector"]))
-    colors = _colors(summary)
-    fig, axes = _panels(detectors, title)
-    for ax, det in zip(axes, detectors, strict=True):
-        sub = summary[summary["detector"] == det]
+    fig, panels, colors = _per_detector(summary, title)
+    for ax, det, sub in panels:
         for regime, base in sub[sub["is_base"]].dropna(subset=[metric]).groupby("regime"):
             marker = "*" if regime == "plain" else "X"
             ax.scatter([1.0], [base[metric].mean() * 100], marker=marker, s=180, color="black",
@@ -106,13 +110,11 @@ def plot_map_vs_speedup(summary: pd.DataFrame, metric: str, title: str, path: Pa
 
 def plot_recovery(summary: pd.DataFrame, metric: str, title: str, path: Path) -> None:
     """Per detector: mAP after 0 (one-shot), 1, 2, ... fine-tuning epochs, per method and target."""
-    detectors = sorted(set(summary["detector"]))
-    colors = _colors(summary)
     oneshot = f"oneshot_{metric}"
-    fig, axes = _panels(detectors, title)
-    for ax, det in zip(axes, detectors, strict=True):
-        sub = summary[(summary["detector"] == det) & ~summary["is_base"]]
-        _bases(ax, summary[summary["detector"] == det], metric)
+    fig, panels, colors = _per_detector(summary, title)
+    for ax, det, rows_of_det in panels:
+        _bases(ax, rows_of_det, metric)
+        sub = rows_of_det[~rows_of_det["is_base"]]
         for (regime, method, target), grp in sub.groupby(["regime", "method", "target"]):
             grp = grp.sort_values("finetune_epochs")
             xs = [0.0, *grp["finetune_epochs"]]
