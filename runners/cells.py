@@ -143,14 +143,14 @@ class Runner:
         metrics = evaluate(model, val_set, cell.evaluate["batch_size"], self.progress)
         eval_seconds = time.perf_counter() - start
         image, rounds = val_set[0][0], (cell.measure["warmup"], cell.measure["rounds"])
+        size = measure.size(model)
         if base is None:
             timing = measure.latency(model, image, *rounds)
         else:
             timing = measure.paired_latency(base.to(self.device), model, image, *rounds)
-            timing["efficiency_core"] = (
-                timing["speedup_core"] * measure.size(model)["gmacs"] / (measure.size(base)["gmacs"])
-            )
-        values = {**metrics, **measure.size(model), **timing, "eval_seconds": eval_seconds}
+            # speed-up / (base GMACs / pruned GMACs)
+            timing["efficiency_core"] = timing["speedup_core"] * size["gmacs"] / measure.size(base)["gmacs"]
+        values = {**metrics, **size, **timing, "eval_seconds": eval_seconds}
         return values | {"core_conditions": dict(model.core_conditions)}
 
     def _row(self, cell: Cell, values: dict[str, Any]) -> dict[str, Any]:
