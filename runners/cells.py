@@ -33,6 +33,9 @@ from .prune import prune_and_finetune
 from .suite import Cell, Experiment, Suite, load_suite
 
 
+DECODED_IMAGE_BYTES = 1 << 30  # per split and process; a larger set decodes the rest from disk
+
+
 def default_work_dir() -> Path:
     return Path(os.environ.get("DETPRUNE_HOME", ".detprune"))
 
@@ -87,10 +90,13 @@ class Runner:
             root = data_root(experiment.dataset, options.pop("root", None))
             if experiment.dataset.startswith("synthetic") and root is None:
                 root = self.work_dir / "data"
-            self._datasets[key] = (
+            pair = (
                 build_dataset(experiment.dataset, "train", root=root, **options),
                 build_dataset(experiment.dataset, "val", root=root, **options),
             )
+            for split in pair:  # every baseline and fine-tuning reads the same images again
+                split.keep_decoded(DECODED_IMAGE_BYTES)
+            self._datasets[key] = pair
         return self._datasets[key]
 
     def check_inputs(self) -> None:

@@ -430,3 +430,19 @@ def test_default_cache_follows_detprune_home(tmp_path, monkeypatch):
     monkeypatch.setenv("DETPRUNE_HOME", str(tmp_path / "home"))
     ds = build_dataset("synthetic-kitti", "val", **SMALL)
     assert ds.root == tmp_path / "home" / "data" / "synthetic-s0-n6-v2-i64" / "kitti"
+
+
+def test_kept_decoded_images_equal_disk_and_stay_within_their_bytes(tmp_path):
+    ds = build_dataset("synthetic-coco", "train", root=tmp_path, **SMALL)
+    fresh = [ds[i][0] for i in range(len(ds))]
+    one_image = fresh[0].numel()  # uint8 bytes of one decoded image
+    ds.keep_decoded(2 * one_image + one_image // 2)  # room for two images, not three
+    for _ in range(2):  # the first pass fills the cache, the second reads it
+        for i, image in enumerate(fresh):
+            assert torch.equal(ds[i][0], image)
+    assert sorted(ds._decoded) == [0, 1]  # the rest still comes from disk
+    for path in {ds.records[i].path for i in (0, 2)}:
+        path.write_bytes(b"not an image")
+    assert torch.equal(ds[0][0], fresh[0])  # a kept image is not read again
+    with pytest.raises(DatasetError, match="cannot decode"):
+        ds[2]
