@@ -32,7 +32,6 @@ from .evaluate import evaluate
 from .prune import prune_and_finetune
 from .suite import Cell, Experiment, Suite, load_suite
 
-
 DECODED_IMAGE_BYTES = 1 << 30  # per split and process; a larger set decodes the rest from disk
 
 
