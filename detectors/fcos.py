@@ -4,7 +4,8 @@ Both are torchvision's ``FCOS``: same head (classification, box regression, cent
 losses (focal, GIoU, centerness BCE). ATSS differs only in which locations are positives: per
 level the ``topk`` anchors nearest the box centre are candidates, the IoU threshold is the mean
 plus the standard deviation of the candidates' IoUs, and the anchor centre must lie in the box.
-BatchNorm replaces the heads' GroupNorm so every layer prunes the same way (DESIGN.md §5).
+BatchNorm replaces the heads' GroupNorm so every layer prunes the same way (DESIGN.md §5), with
+running statistics per pyramid level (``norms.LevelBatchNorm2d``: the towers are shared by levels).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torchvision.ops import box_iou
 
 from .backbones import ResNetFPN
 from .base import Detector, DetectorError, register
+from .norms import LevelBatchNorm2d, track_levels
 
 SIZES: dict[str, dict[str, Any]] = {
     # trains on the synthetic set in a few CPU minutes
@@ -63,11 +65,12 @@ class FCOSDetector(Detector, FCOS):
         """
         num_convs = cfg["head_convs"]
         head = FCOSHead(in_channels, 1, num_classes, num_convs=num_convs)
-        bn = partial(nn.BatchNorm2d)
+        bn = partial(LevelBatchNorm2d, levels=len(ResNetFPN.strides))  # statistics per level
         head.classification_head = FCOSClassificationHead(
             in_channels, 1, num_classes, num_convs, norm_layer=bn
         )
         head.regression_head = FCOSRegressionHead(in_channels, 1, num_convs, norm_layer=bn)
+        track_levels(head, [head.classification_head.conv, head.regression_head.conv])
         return head
 
     def loss(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:

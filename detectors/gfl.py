@@ -38,6 +38,7 @@ from torchvision.ops import batched_nms, clip_boxes_to_image, generalized_box_io
 
 from .base import Detector, register
 from .fcos import ATSSDetector
+from .norms import LevelBatchNorm2d, track_levels
 
 REG_MAX = 16
 QFL_BETA = 2.0
@@ -103,13 +104,14 @@ class Scale(nn.Module):
         return x * self.scale
 
 
-def _tower(channels: int, num_convs: int) -> nn.Sequential:
-    """``num_convs`` x (3x3 conv, BatchNorm, ReLU); the conv has no bias, the norm has one."""
+def _tower(channels: int, num_convs: int, levels: int) -> nn.Sequential:
+    """``num_convs`` x (3x3 conv, BatchNorm, ReLU); the conv has no bias, the norm has one and
+    keeps its running statistics per level (``norms.LevelBatchNorm2d``)."""
     layers: list[nn.Module] = []
     for _ in range(num_convs):
         conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
         nn.init.normal_(conv.weight, std=0.01)
-        layers += [conv, nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        layers += [conv, LevelBatchNorm2d(channels, levels), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
 
 
@@ -146,8 +148,9 @@ class GFLHead(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.reg_max = reg_max
-        self.cls_convs = _tower(in_channels, num_convs)
-        self.reg_convs = _tower(in_channels, num_convs)
+        self.cls_convs = _tower(in_channels, num_convs, num_levels)
+        self.reg_convs = _tower(in_channels, num_convs, num_levels)
+        track_levels(self, [self.cls_convs, self.reg_convs])
         self.gfl_cls = nn.Conv2d(in_channels, num_classes, 3, padding=1)
         self.gfl_reg = nn.Conv2d(in_channels, 4 * (reg_max + 1), 3, padding=1)
         self.scales = nn.ModuleList(Scale() for _ in range(num_levels))

@@ -161,7 +161,9 @@ def _norm_scale(module: nn.Module, squared: bool) -> Tensor | None:
         return None
     scale = module.weight if getattr(module, "weight", None) is not None else None
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
-        inv = 1.0 / (module.running_var.detach() + module.eps)
+        # a norm shared by pyramid levels keeps one variance per level: the current one's
+        var = module.statistics()[1] if hasattr(module, "statistics") else module.running_var
+        inv = 1.0 / (var.detach() + module.eps)
         return inv if scale is None else scale * inv
     return scale
 

@@ -121,8 +121,11 @@ def test_killed_run_resumes_without_duplicates(tiny_suite: Path, tmp_path: Path)
     rows = 0
     while time.time() < deadline and proc.poll() is None:
         if store_path.is_file():
-            with sqlite3.connect(store_path) as conn:
-                rows = conn.execute("select count(*) from results").fetchone()[0]
+            try:  # the file exists a moment before its table does
+                with sqlite3.connect(store_path, timeout=5) as conn:
+                    rows = conn.execute("select count(*) from results").fetchone()[0]
+            except sqlite3.OperationalError:
+                rows = 0
             if rows >= 1:
                 break
         time.sleep(0.2)
