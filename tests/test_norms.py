@@ -81,7 +81,9 @@ def test_pruning_keeps_each_levels_statistics_of_the_kept_channels() -> None:
     head.tower[1].running_mean.copy_(torch.arange(8.0).view(4, 2))
     head.tower[1].running_var.copy_(torch.arange(1.0, 9.0).view(4, 2))
     example = _levels(torch.Generator().manual_seed(0))
-    graph = tp.DependencyGraph().build_dependency(head, example_inputs=(example,), forward_fn=lambda m, x: m(*x))
+    graph = tp.DependencyGraph().build_dependency(
+        head, example_inputs=(example,), forward_fn=lambda m, x: m(*x)
+    )
     graph.get_pruning_group(head.tower[0], tp.prune_conv_out_channels, idxs=[1, 2]).prune()
     norm = head.tower[1]
     assert norm.num_features == 2 and norm.weight.shape == (2,)
