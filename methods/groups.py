@@ -115,12 +115,26 @@ class ChannelScores(tp.importance.Importance):
     The scores of the group's output-pruned layers are summed at the group's indices (each layer
     once; ``root_only``: the root layer alone, for single-layer criteria). A group none of whose
     layers has a score returns ``None`` (never pruned) and is listed in ``unscored``.
+    ``normalizer="mean"`` divides a group's scores by their mean (torch-pruning's default group
+    normaliser), so that a global ranking compares each channel with its own group's average
+    rather than quantities whose scale differs from layer to layer.
     """
 
-    def __init__(self, model: nn.Module, layer_scores: dict[str, Tensor], root_only: bool = False) -> None:
+    NORMALIZERS = (None, "mean")
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer_scores: dict[str, Tensor],
+        root_only: bool = False,
+        normalizer: str | None = None,
+    ) -> None:
+        if normalizer not in self.NORMALIZERS:
+            raise MethodError(f"unknown score normalizer '{normalizer}' (expected one of 'mean', none)")
         self.layer_scores = layer_scores
         self.names = {m: n for n, m in model.named_modules()}
         self.root_only = root_only
+        self.normalizer = normalizer
         self.unscored: list[str] = []
 
     @torch.no_grad()
@@ -145,7 +159,15 @@ class ChannelScores(tp.importance.Importance):
         if not found:
             self.unscored.append(self.names.get(group[0].dep.target.module, "?"))
             return None
-        return total
+        return normalize_scores(total, self.normalizer)
+
+
+def normalize_scores(scores: Tensor, normalizer: str | None) -> Tensor:
+    """``scores / mean(scores)`` for ``"mean"`` (all-zero scores stay zero); ``None``: as they are."""
+    if normalizer is None:
+        return scores
+    mean = scores.mean()
+    return scores / mean if mean > 0 else scores
 
 
 @dataclass

@@ -13,8 +13,9 @@ import methods.px  # noqa: F401  (registers "px")
 from detectors import build_detector
 from detectors.base import Detector
 from methods.base import MethodError, PruneContext, Target, build_method
-from methods.groups import score_groups
-from methods.px import PathPasses, filter_saliency, path_objective, px_saliencies, px_saliency
+from methods.budget import removal_steps
+from methods.groups import ChannelScores, normalize_scores, score_groups
+from methods.px import PX, PathPasses, filter_saliency, path_objective, px_saliencies, px_saliency
 from methods.sizes import count_params
 
 
@@ -238,3 +239,92 @@ def test_round_zero_scores_are_shared_across_targets(convnet: ConvNet) -> None:
     assert not a.notes["scores_cached"] and b.notes["scores_cached"]
     assert a.layers == b.layers and torch.equal(first.conv1.weight, second.conv1.weight)
     assert a.achieved["channels"] == pytest.approx(0.25)  # one channel of the coupled pair
+
+
+class WideChain(_Toy):
+    """conv(3->4)-BN-ReLU -> conv(4->16)-BN-ReLU -> fixed head: two layers of different widths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.head = nn.Conv2d(16, 2, 1)
+
+    def core(self, x: Tensor) -> tuple[Tensor, ...]:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return (self.head(torch.relu(self.bn2(self.conv2(h)))),)
+
+    def prune_ignored(self) -> list[nn.Module]:
+        return [self.head]
+
+
+def _wide_chain() -> WideChain:
+    torch.manual_seed(0)
+    net = WideChain()
+    with torch.no_grad():
+        for bn in (net.bn1, net.bn2):
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.zero_()  # with no shift and no mean, a variance cannot move a gate
+    return net.eval()
+
+
+@pytest.mark.parametrize("bn_variance", [True, False])
+def test_every_layer_of_a_chain_carries_the_same_flow_so_raw_scores_scale_like_one_over_width(
+    bn_variance: bool,
+) -> None:
+    """Each path crosses one channel of every layer: each layer's filter flows sum to R. A raw
+    channel score is therefore R / width on average, which is why one global ranking of raw
+    flows empties the wide layer first (the faithful reading took FCOS's towers to the floor)."""
+    net = _wide_chain()
+    ctx = PruneContext(round_to=1, calibration=[(_images(), [{}] * 3)])
+    s = px_saliencies(net, [torch.stack(_images())], bn_variance=bn_variance)
+    flow1, flow2 = filter_saliency(s["conv1.weight"]), filter_saliency(s["conv2.weight"])
+    assert float(flow1.sum()) == pytest.approx(float(flow2.sum()), rel=1e-10)
+    assert float(flow1.mean() / flow2.mean()) == pytest.approx(16 / 4, rel=1e-10)
+    faithful = build_method("px", **PX.FAITHFUL)
+    groups = score_groups(net, faithful.importance(net, ctx))
+    widths = [len(g.order) for g in groups]
+    first = removal_steps(groups, faithful.scope, round_to=1, max_layer_ratio=0.9)[:4]
+    assert {widths[gi] for gi, _ in first} == {16}  # the four lowest raw scores are all conv2's
+    default = build_method("px")
+    assert default.scope == "local"
+    groups = score_groups(net, default.importance(net, ctx))
+    steps = removal_steps(groups, default.scope, round_to=1, max_layer_ratio=0.9)
+    removed = {g.root: 0 for g in groups}
+    for gi, after in steps[:5]:  # a quarter of each layer, whatever the scale of its flows
+        removed[groups[gi].root] = after
+    assert removed == {"conv1": 1, "conv2": 4}
+
+
+def test_the_default_ignores_a_channels_running_variance_and_the_faithful_score_rewards_a_small_one() -> None:
+    """With ``γ² / var`` a channel whose output barely varies (small var) gets the highest score
+    however little it carries; the default enters batch norm as ``γ²``."""
+    net = _wide_chain()
+    x = [torch.stack(_images())]
+    before = {v: px_saliencies(net, x, bn_variance=v) for v in (True, False)}
+    with torch.no_grad():
+        net.bn1.running_var[2] = 1e-4  # channel 2 of conv1: nearly constant output
+    after = {v: px_saliencies(net, x, bn_variance=v) for v in (True, False)}
+    for name in before[False]:
+        assert torch.allclose(after[False][name], before[False][name], rtol=1e-10), name
+    faithful = filter_saliency(after[True]["conv1.weight"])
+    assert int(faithful.argmax()) == 2
+    ratio = faithful[2] / filter_saliency(before[True]["conv1.weight"])[2]
+    assert float(ratio) > 1000  # about (var + eps) before / after
+
+
+def test_options_are_checked_and_the_mean_normaliser_gives_mean_one() -> None:
+    with pytest.raises(MethodError, match="scope"):
+        build_method("px", scope="layer")
+    with pytest.raises(MethodError, match="normalize"):
+        build_method("px", normalize="max")
+    with pytest.raises(MethodError, match="bn_variance"):
+        build_method("px", bn_variance="yes")
+    with pytest.raises(MethodError, match="normalizer"):
+        ChannelScores(nn.Linear(1, 1), {}, normalizer="max")
+    scores = normalize_scores(torch.tensor([1.0, 2.0, 6.0], dtype=torch.float64), "mean")
+    assert torch.allclose(scores, torch.tensor([1 / 3, 2 / 3, 2.0], dtype=torch.float64))
+    assert torch.equal(normalize_scores(torch.zeros(3), "mean"), torch.zeros(3))
