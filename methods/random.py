@@ -23,7 +23,16 @@ class SeededRandomImportance(tp.importance.Importance):
 
 @register("random")
 class Random(Method):
+    """``draw``: which of several random choices on one baseline (0: the cell's seed itself), so a
+    suite can show how far random scores alone move a figure (``runners/suites/px_ablation.toml``)."""
+
     scope = "local"
+    defaults = {"draw": 0}
 
     def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
-        return SeededRandomImportance(ctx.seed)
+        return SeededRandomImportance(score_seed(ctx.seed, int(self.options["draw"])))
+
+
+def score_seed(seed: int, draw: int) -> int:
+    """The generator seed of ``draw`` on a cell of ``seed``: the seed itself for draw 0."""
+    return seed + 1_000_003 * draw

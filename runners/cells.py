@@ -12,6 +12,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from datasets import build_dataset
 from datasets.base import DatasetError, DetectionDataset
-from detectors import Detector, build_detector, load_checkpoint, save_checkpoint
+from detectors import Detector, DetectorError, build_detector, load_checkpoint, save_checkpoint
 from methods import PruneContext, Target, build_method
 from methods.training import train
 from results import DuplicateCellError, ResultStore
@@ -114,8 +115,11 @@ class Runner:
         """The trained baseline of ``cell`` and its meta: from the cache, or trained once and cached."""
         path = self.work_dir / "baselines" / f"{cell.baseline_key}.pt"
         if path.is_file():
-            model, meta = load_checkpoint(path)
-            return model.to(self.device), path, meta
+            try:
+                model, meta = load_checkpoint(path)
+                return model.to(self.device), path, meta
+            except DetectorError as exc:  # the cache is ours: one this code cannot load is retrained
+                print(f"detprune: cached baseline unusable, training it again: {exc}", file=sys.stderr)
         train_set, _ = self.datasets(cell.experiment)
         model = self._build(cell, len(train_set.classes)).to(self.device)
         extra, method = None, None

@@ -97,3 +97,20 @@ def test_random_is_seeded(toy) -> None:
     build_method("random").prune(c, PruneContext(round_to=1, seed=2), Target.parse("channels:0.5"))
     assert torch.equal(a.conv2.weight, b.conv2.weight)
     assert not torch.equal(a.conv2.weight, c.conv2.weight)
+
+
+def test_random_draws_are_other_choices_on_the_same_seed_and_draw_zero_is_the_seed(toy) -> None:
+    pruned = {}
+    for name, options, seed in (
+        ("d0", {"draw": 0}, 1),
+        ("plain", {}, 1),
+        ("d1", {"draw": 1}, 1),
+        ("d1b", {"draw": 1}, 1),
+    ):
+        model = copy.deepcopy(toy)
+        build_method("random", **options).prune(
+            model, PruneContext(round_to=1, seed=seed), Target.parse("channels:0.5")
+        )
+        pruned[name] = model.conv2.weight
+    assert torch.equal(pruned["d0"], pruned["plain"]) and torch.equal(pruned["d1"], pruned["d1b"])
+    assert not torch.equal(pruned["d0"], pruned["d1"])

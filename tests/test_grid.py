@@ -138,3 +138,21 @@ def test_killed_run_resumes_without_duplicates(tiny_suite: Path, tmp_path: Path)
     with sqlite3.connect(store_path) as conn:
         ids = [r[0] for r in conn.execute("select cell_id from results")]
     assert len(ids) == len(set(ids)) == 3
+
+
+def test_a_cached_baseline_this_code_cannot_load_is_trained_again(
+    tiny_suite: Path, tmp_path: Path, capsys
+) -> None:
+    suite = load_suite(tiny_suite)
+    runner = Runner(suite, tmp_path / "results", tmp_path / "work", progress=False)
+    cell = next(c for c in suite.cells() if c.method == "base")
+    path = tmp_path / "work" / "baselines" / f"{cell.baseline_key}.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"saved by an older detprune")  # what a stale cache entry looks like to the loader
+    model, returned, _ = runner.baseline(cell)
+    assert returned == path and "cached baseline unusable" in capsys.readouterr().err
+    again, _, _ = runner.baseline(cell)  # the retrained one replaced it
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True)
+    )

@@ -81,3 +81,14 @@ def test_bad_suites_are_one_clear_error(tmp_path: Path, text: str, message: str)
     path.write_text(text)
     with pytest.raises(SuiteError, match=re.escape(message)):
         load_suite(path)
+
+
+def test_px_ablation_trains_nothing_the_smoke_has_not() -> None:
+    smoke, ablation = load_suite("smoke"), load_suite("px_ablation")
+    smoke_baselines = {c.baseline_key for c in smoke.cells()}
+    cells = ablation.cells()
+    assert {c.baseline_key for c in cells} <= smoke_baselines  # run with the smoke's work dir
+    methods = {c.method for c in cells}
+    assert {"px", "px:faithful", "px:global", "px:bn-variance", "random", "random:draw5"} <= methods
+    faithful = next(c for c in cells if c.method == "px:faithful")
+    assert faithful.method_options == {"scope": "global", "bn_variance": True}
