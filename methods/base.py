@@ -61,6 +61,11 @@ class Method:
             return None
         return lambda model, batch, losses, neck: self.train_loss(model, ctx, batch, losses, neck)
 
+    def regime_hooks(self) -> list[Any]:
+        """Hooks for every training with ``train_loss`` (baseline and fine-tuning): LDT logs its
+        per-epoch trajectory through one. None by default."""
+        return []
+
     def stats(self) -> dict[str, Any]:
         """Counters a method keeps while training or scoring (LDT's skipped scales), for the rows."""
         return {}

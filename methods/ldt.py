@@ -5,14 +5,20 @@ Two halves, both driven by the ground-truth boxes:
 * **Training** (``regime = "ldt"``): ``train_loss`` adds ``α L_LD + β L_cov`` on the neck
   features of the same forward pass that computed the detection losses: the shared training
   loop hands it that pass's neck maps. (Called directly without them, it recomputes them:
-  ``core`` on the same batch, in the same mode.)
+  ``core`` on the same batch, in the same mode.) The reading is well posed and scale invariant
+  by default (DESIGN.md §4): a ridge relative to the total scatter, this batch's instances
+  pooled with a detached queue of recent ones, ``log(1 + ν)``, and a relative covariance
+  penalty; ``regime_hooks`` logs the per-epoch trajectory (terms, top eigenvalue, and the LD
+  gradient's norm against the detection loss's).
 * **Scoring**: ``prepare`` pools the calibration instances per neck scale and solves the
   discriminant problem once (``ν``, ``V``); ``importance`` makes one forward/backward pass per
   calibration batch in which every prunable layer's output maps ``F`` and ``dD/dF`` (or
   ``dL_det/dF``) are captured, and accumulates ``I_{l,c} = Σ_n Σ_p A_n(p) |w_{l,c,n} F_{l,c,n}(p)|``
   with ``w = mean_{x,y} dD/dF``. Scores are summed over each torch-pruning group; global scope.
-  With the discriminant utility, layers that ``D`` never reaches (the head, after the neck) get
-  no score and are left unpruned; the engine names them in the report's notes.
+  ``D`` never reaches the head (it lies after the neck); with ``head = "detection"`` (default)
+  the head layers are scored by the same location-attended ``|w F|`` with ``w`` traced from the
+  detection loss in the same pass, scaled onto ``D``'s footing by the median ratio of the two
+  scores over the layers both reach. With ``head = "none"`` they get no score and stay whole.
 
 Every constant is an option (``defaults``); the ablation switches are ``ldt_training``,
 ``utility`` ("discriminant" | "detection") and ``location_attention``.
@@ -24,7 +30,6 @@ import copy
 import weakref
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -35,7 +40,7 @@ from tqdm.auto import tqdm
 from detectors.base import Detector
 
 from .base import Method, register
-from .groups import NORMS, ROOT_TYPES, ChannelScores, fixed_layers
+from .groups import ROOT_TYPES, ChannelScores, fixed_layers
 from .ldt_math import (
     FEW_CLASSES,
     NONFINITE,
@@ -46,51 +51,20 @@ from .ldt_math import (
     covariance_penalty,
     discriminants,
     discriminating_power,
-    ld_loss,
+    ld_loss_and_top,
     location_attention,
     map_instances,
+    normalise_instances,
 )
+from .ldt_regime import REGIME_KEYS, InstanceQueue, Trajectory, capture, check_options, scoring_mode
 from .training import neck_maps
 from .types import Batch, Losses, Maps, MethodError, PruneContext
-
-UTILITIES = ("discriminant", "detection")
-# kept in eval mode while the detection utility runs the losses: statistics and randomness fixed
-_FROZEN_WHEN_TRACING = (*NORMS, nn.Dropout, nn.Dropout2d)
 
 
 def _new_counters() -> dict[str, dict[str, int]]:
     base = {"batches": 0, "instances": 0, "dropped_boxes": 0, "scales": 0, "skipped": 0}
     base |= {reason: 0 for reason in SKIP_REASONS}
     return {"train": {**base, "recomputed": 0}, "trace": {**base, "empty_batches": 0}}
-
-
-@contextmanager
-def _capture(module: nn.Module) -> Iterator[list[Any]]:
-    """Every output ``module`` produces inside the block."""
-    store: list[Any] = []
-    handle = module.register_forward_hook(lambda m, args, out: store.append(out))
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def _scoring_mode(model: nn.Module, utility: str) -> Iterator[None]:
-    """Eval mode; for the detection utility, train mode (losses) with frozen norms and dropout."""
-    flags = {m: m.training for m in model.modules()}
-    try:
-        if utility == "detection":
-            model.train()
-            for m in model.modules():
-                if isinstance(m, _FROZEN_WHEN_TRACING):
-                    m.eval()
-        else:
-            model.eval()
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 @register("ldt")
@@ -103,41 +77,42 @@ class LDT(Method):
         "alpha": 5e-3,  # weight of L_LD
         "beta": 5e-4,  # weight of L_cov
         "epsilon": 1.2,  # window above the smallest of the top n-1 eigenvalues
-        "lam": 1e-3,  # ridge on S_w
+        "lam": 1e-3,  # ridge on S_w (relative to the mean variance, see ridge)
+        "ridge": "total",  # S_w + lam tr(S_t)/C I: scale invariant, nu <= C / lam ("within", "absolute")
+        "transform": "log",  # the loss averages log(1 + nu) ("none": nu itself)
+        "queue": 512,  # detached instances of recent batches pooled per scale (0: this batch only)
+        "normalise": False,  # each instance feature scaled to unit length before the scatter
+        "cov_relative": True,  # L_cov / tr(S_t)^2: bounded in [0, 1), scale invariant
         "a": 0.062,  # attention decay rate
         "b": 7.5,  # attention decay exponent
         "ldt_training": True,  # off: plain baseline and plain fine-tuning (regime "plain")
         "utility": "discriminant",  # or "detection": trace dL_det/dF instead of dD/dF
         "location_attention": True,  # off: A = 1 everywhere
+        "head": "detection",  # score the head (which D never reaches) from the detection loss
     }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         o = self.options
-        for key in ("alpha", "beta", "epsilon", "lam", "a", "b"):
-            if isinstance(o[key], bool) or not isinstance(o[key], (int, float)) or not o[key] >= 0:
-                raise MethodError(f"method 'ldt': option {key} must be a number >= 0, not {o[key]!r}")
-        if o["b"] <= 0:
-            raise MethodError("method 'ldt': option b must be > 0")
-        for key in ("ldt_training", "location_attention"):
-            if not isinstance(o[key], bool):
-                raise MethodError(f"method 'ldt': option {key} must be true or false, not {o[key]!r}")
-        if o["utility"] not in UTILITIES:
-            raise MethodError(
-                f"method 'ldt': utility must be one of {', '.join(UTILITIES)}, not {o['utility']!r}"
-            )
+        check_options(o)
         # the regime decides the baseline; without LDT training the plain baseline is shared
         self.regime = "ldt" if o["ldt_training"] else "plain"  # type: ignore[misc]
         self.counters = _new_counters()
         self.discriminants: list[tuple[Tensor, Tensor] | None] = []
         self.summary: list[dict[str, Any]] = []
         self._tensor_sizes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self.queue = InstanceQueue(int(o["queue"]))
+        self.head_notes: dict[str, Any] = {}
+        self.trajectory = Trajectory()
 
     def regime_options(self) -> dict[str, Any]:
         """The options that shape the LDT baseline's training; the scoring switches do not."""
         if not self.options["ldt_training"]:
             return {}
-        return {k: self.options[k] for k in ("alpha", "beta", "epsilon", "lam")}
+        return {k: self.options[k] for k in REGIME_KEYS}
+
+    def regime_hooks(self) -> list[Any]:
+        return [self.trajectory] if self.options["ldt_training"] else []
 
     # -- reporting -------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -145,6 +120,7 @@ class LDT(Method):
         out: dict[str, Any] = copy.deepcopy(self.counters)
         for phase in out.values():
             phase["skip_rate"] = phase["skipped"] / phase["scales"] if phase["scales"] else 0.0
+        out["trajectory"] = copy.deepcopy(self.trajectory.epochs)
         return out
 
     def _skip(self, counter: dict[str, int], reason: str) -> None:
@@ -167,6 +143,10 @@ class LDT(Method):
                 per_model[key] = tuple(model.preprocess(list(images)).shape[-2:])
         return per_model[key]
 
+    def _features(self, inst: Instances, feat: Tensor, stride: int) -> Tensor:
+        X = inst.features(feat, stride)
+        return normalise_instances(X) if self.options["normalise"] else X
+
     def _instances(
         self,
         images: Sequence[Tensor],
@@ -185,7 +165,7 @@ class LDT(Method):
         """The neck maps of ``images`` through the same network in the same mode (a direct call:
         the shared loop hands the loss pass's own maps instead)."""
         self.counters["train"]["recomputed"] += 1
-        with _capture(model.neck) as outs:
+        with capture(model.neck) as outs:
             model.core(model.preprocess(images))
         if not outs:
             raise MethodError("ldt: model.neck did not run in core()")
@@ -203,27 +183,38 @@ class LDT(Method):
         counter = self.counters["train"]
         inst = self._instances(images, targets, self._tensor_hw(model, images), counter)
         y = inst.y
-        reason = check_classes(y) if y.numel() else FEW_CLASSES
         o = self.options
-        total: Tensor | None = None
-        for feat, stride in zip(maps, self._strides(model, maps), strict=True):
+        ld: Tensor | None = None
+        cov: Tensor | None = None
+        tops: list[float] = []
+        for scale, (feat, stride) in enumerate(zip(maps, self._strides(model, maps), strict=True)):
             counter["scales"] += 1
+            if not y.numel():
+                self._skip(counter, FEW_CLASSES)
+                continue
+            X = self._features(inst, feat, stride)
+            Xp, yp = self.queue.pooled(scale, X, y.to(X.device))
+            self.queue.push(scale, X, y.to(X.device))
+            reason = check_classes(yp)
             if reason is not None:
                 self._skip(counter, reason)
                 continue
-            X = inst.features(feat, stride)
             try:
-                term = o["alpha"] * ld_loss(X, y.to(X.device), o["epsilon"], o["lam"])
-                term = term + o["beta"] * covariance_penalty(X)
+                ld_s, top = ld_loss_and_top(Xp, yp, o["epsilon"], o["lam"], o["ridge"], o["transform"])
+                cov_s = covariance_penalty(Xp, o["cov_relative"])
             except DegenerateScatter as exc:
                 self._skip(counter, exc.reason)
                 continue
-            if not torch.isfinite(term):
+            if not (torch.isfinite(ld_s) and torch.isfinite(cov_s)):
                 self._skip(counter, NONFINITE)
                 continue
-            total = term if total is None else total + term
-        if total is None:
+            ld, cov = (ld_s, cov_s) if ld is None else (ld + ld_s, cov + cov_s)
+            tops.append(top)
+        if ld is None or cov is None:
             return None
+        terms = (o["alpha"] * ld, o["beta"] * cov)
+        self.trajectory.record(model, losses, terms, ld, cov, max(tops))
+        total = terms[0] + terms[1]
         dtype = next(iter(losses.values())).dtype if losses else maps[0].dtype
         return total.to(dtype)
 
@@ -246,7 +237,7 @@ class LDT(Method):
         counter = self.counters["trace"]
         feats: list[list[Tensor]] = []
         labels: list[Tensor] = []
-        with _scoring_mode(model, "discriminant"), torch.no_grad(), _capture(model.neck) as outs:
+        with scoring_mode(model, "discriminant"), torch.no_grad(), capture(model.neck) as outs:
             for images, targets in self._batches(ctx, device, "ldt discriminants"):
                 x = model.preprocess(images)
                 outs.clear()
@@ -256,7 +247,7 @@ class LDT(Method):
                 strides = self._strides(model, maps)
                 feats = feats or [[] for _ in maps]
                 for s, (feat, stride) in enumerate(zip(maps, strides, strict=True)):
-                    X = inst.features(feat, stride)
+                    X = self._features(inst, feat, stride)
                     feats[s].append(X.to(torch.float64).cpu())
                 labels.append(inst.y.cpu())
         y = torch.cat(labels)
@@ -266,7 +257,7 @@ class LDT(Method):
             entry: dict[str, Any] = {"stride": stride, "instances": int(X.shape[0])}
             entry["classes"] = int(torch.unique(y).numel())
             try:
-                nu, V = discriminants(X, y, self.options["lam"])
+                nu, V = discriminants(X, y, self.options["lam"], self.options["ridge"])
             except DegenerateScatter as exc:
                 self._skip(counter, exc.reason)
                 self.discriminants.append(None)
@@ -289,7 +280,7 @@ class LDT(Method):
         for disc, feat, stride in zip(self.discriminants, maps, self._strides(model, maps), strict=True):
             if disc is None:
                 continue
-            X = inst.features(feat, stride)
+            X = self._features(inst, feat, stride)
             if X.shape[0] == 0:
                 continue
             nu, V = disc
@@ -308,14 +299,18 @@ class LDT(Method):
 
     def trace(self, model: Detector, ctx: PruneContext) -> dict[nn.Module, Tensor]:
         """``I_{l,c}`` for every prunable layer the objective reaches, one pass per batch."""
-        if self.options["utility"] == "discriminant" and not self.discriminants:
+        utility = self.options["utility"]
+        if utility == "discriminant" and not self.discriminants:
             self.prepare(model, ctx)
         if not ctx.calibration:
             raise MethodError("ldt: needs calibration images with boxes (ctx.calibration is empty)")
         device = next(model.parameters()).device
         fixed = fixed_layers(model)
         layers = [m for m in model.modules() if isinstance(m, ROOT_TYPES) and id(m) not in fixed]
-        scores: dict[nn.Module, Tensor] = {}
+        # the head: scored from the detection loss in the same pass, where D does not reach
+        head = utility == "discriminant" and self.options["head"] == "detection"
+        mode = "detection" if head else utility
+        scores: dict[str, dict[nn.Module, Tensor]] = {"D": {}, "det": {}}
         records: dict[nn.Module, list[Tensor]] = defaultdict(list)
 
         def keep(module: nn.Module, args: Any, out: Any) -> None:
@@ -323,38 +318,63 @@ class LDT(Method):
                 records[module].append(out)
 
         counter = self.counters["trace"]
-        utility = self.options["utility"]
         handles = [m.register_forward_hook(keep) for m in layers]
         try:
             for images, targets in self._batches(ctx, device, f"ldt tracing ({utility})"):
                 records.clear()
-                with _scoring_mode(model, utility), torch.enable_grad(), _capture(model.neck) as outs:
+                objectives: dict[str, Tensor | None] = {}
+                with scoring_mode(model, mode), torch.enable_grad(), capture(model.neck) as outs:
                     tensor_hw = self._tensor_hw(model, images)
-                    if utility == "detection":
-                        objective: Tensor | None = sum(model.loss(images, targets).values())
-                        inst = self._instances(images, targets, tensor_hw, counter)
+                    if mode == "detection":
+                        objectives["det"] = sum(model.loss(images, targets).values())
                     else:
                         model.core(model.preprocess(images))
-                        maps = neck_maps(outs[-1])
-                        inst = self._instances(images, targets, tensor_hw, counter)
-                        objective = self._objective(model, maps, inst)
-                if objective is None or not objective.requires_grad:
+                    inst = self._instances(images, targets, tensor_hw, counter)
+                    if utility == "discriminant":
+                        objectives["D"] = self._objective(model, neck_maps(outs[-1]), inst)
+                main = objectives["D" if utility == "discriminant" else "det"]
+                if main is None or not main.requires_grad:
                     counter["empty_batches"] += 1
                     continue
                 captured = [(m, out) for m, outs_m in records.items() for out in outs_m]
-                grads = torch.autograd.grad(objective, [o for _, o in captured], allow_unused=True)
                 attention: dict[tuple[int, int], Tensor] = {}
-                for (module, out), grad in zip(captured, grads, strict=True):
-                    if grad is None:
+                for key, objective in objectives.items():
+                    if objective is None or not objective.requires_grad:
                         continue
-                    value = self._layer_importance(out.detach(), grad, inst, attention)
-                    scores[module] = scores.get(module, 0) + value.to(torch.float64).cpu()
-                del captured, grads
+                    grads = torch.autograd.grad(
+                        objective, [o for _, o in captured], allow_unused=True, retain_graph=True
+                    )
+                    for (module, out), grad in zip(captured, grads, strict=True):
+                        if grad is None:
+                            continue
+                        value = self._layer_importance(out.detach(), grad, inst, attention)
+                        scores[key][module] = scores[key].get(module, 0) + value.to(torch.float64).cpu()
+                del captured
         finally:
             for h in handles:
                 h.remove()
             records.clear()
-        return scores
+        if utility == "detection":
+            return scores["det"]
+        return self._with_head(scores["D"], scores["det"]) if head else scores["D"]
+
+    def _with_head(
+        self, traced: dict[nn.Module, Tensor], det: dict[nn.Module, Tensor]
+    ) -> dict[nn.Module, Tensor]:
+        """``traced`` plus the layers only the detection loss reaches, on ``traced``'s footing: the
+        detection scores times the median over the shared layers of (mean traced / mean det)."""
+        ratios = sorted(
+            float(traced[m].mean() / det[m].mean())
+            for m in traced
+            if m in det and float(det[m].mean()) > 0 and float(traced[m].mean()) > 0
+        )
+        only = [m for m in det if m not in traced]
+        self.head_notes = {"head_layers": len(only), "shared_layers": len(ratios)}
+        if not ratios or not only:
+            return traced
+        scale = ratios[len(ratios) // 2]
+        self.head_notes["head_scale"] = scale
+        return traced | {m: det[m] * scale for m in only}
 
     def _layer_importance(self, F: Tensor, grad: Tensor, inst: Instances, cache: dict) -> Tensor:
         """``Σ_n Σ_p A_n(p) |w_{c,n} F_{c,n}(p)|`` for one captured output (``[C]``)."""
@@ -378,5 +398,6 @@ class LDT(Method):
         return {
             "options": dict(self.options),
             "discriminants": self.summary,
+            "head": dict(self.head_notes),
             "trace_counters": copy.deepcopy(self.counters["trace"]),
         }

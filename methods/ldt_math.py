@@ -28,6 +28,16 @@ SKIP_REASONS = (FEW_CLASSES, SINGLETON_CLASS, SINGULAR, NONFINITE)
 
 _PIVOT_FLOOR = 1e-12  # smallest Cholesky pivot^2, relative to the largest diagonal of S_w
 
+# The well-posedness readings (DESIGN.md §4 "LDT"). With fewer instances K than channels C, S_w is
+# rank deficient apart from its ridge; an absolute ridge then makes the eigenvalues along S_w's
+# null space grow like (feature scale)^2 / lam, so the loss rewards growing the features.
+RIDGES = (
+    "absolute",  # S_w + lam I: the original reading; not scale invariant
+    "within",  # S_w + lam (tr S_w / C) I: scale invariant
+    "total",  # S_w + lam (tr S_t / C) I: scale invariant, and nu <= C / lam for every batch
+)
+TRANSFORMS = ("none", "log")  # "log": the loss averages log(1 + nu), bounded by log(1 + nu_max)
+
 
 class DegenerateScatter(ValueError):
     """The discriminant analysis is undefined for this batch; ``reason`` is one of SKIP_REASONS."""
@@ -111,12 +121,20 @@ def _centred_scatter(X: Tensor) -> Tensor:
     return Xc.T @ Xc / (X.shape[0] - 1)
 
 
-def scatter_matrices(X: Tensor, y: Tensor, lam: float = 1e-3) -> tuple[Tensor, Tensor, Tensor]:
-    """Deep LDA's equal-class scatters in float64: ``(S_b, S_w + lam I, S_t)``.
+def scatter_matrices(
+    X: Tensor, y: Tensor, lam: float = 1e-3, ridge: str = "absolute"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Deep LDA's equal-class scatters in float64: ``(S_b, S_w + ridge, S_t)``.
 
     ``S_t = X̄ᵀX̄ / (K-1)``; ``S_w`` = the mean over classes of ``X̄_cᵀX̄_c / (K_c-1)``;
-    ``S_b = S_t - S_w`` (before the ridge is added to ``S_w``).
+    ``S_b = S_t - S_w`` (before the ridge is added to ``S_w``). The ridge is ``lam I``
+    (``"absolute"``) or ``lam`` times the mean variance of ``S_w`` (``"within"``) or of ``S_t``
+    (``"total"``): with a relative ridge every generalised eigenvalue is unchanged when ``X`` is
+    scaled, so the loss can never be lowered by growing the features. The relative ridge stays
+    in the graph: the gradient is then orthogonal to ``X`` (Euler), it never pushes the scale.
     """
+    if ridge not in RIDGES:
+        raise ValueError(f"ridge must be one of {', '.join(RIDGES)}, not {ridge!r}")
     reason = check_classes(y)
     if reason is not None:
         raise DegenerateScatter(reason)
@@ -128,12 +146,15 @@ def scatter_matrices(X: Tensor, y: Tensor, lam: float = 1e-3) -> tuple[Tensor, T
     S_w = torch.stack([_centred_scatter(X[y == c]) for c in classes]).mean(dim=0)
     S_b = S_t - S_w
     eye = torch.eye(X.shape[1], dtype=X.dtype, device=X.device)
-    return S_b, S_w + lam * eye, S_t
+    if ridge == "absolute":
+        return S_b, S_w + lam * eye, S_t
+    scale = (S_w if ridge == "within" else S_t).diagonal().mean()
+    return S_b, S_w + (lam * scale) * eye, S_t
 
 
-def _whitened(X: Tensor, y: Tensor, lam: float) -> tuple[Tensor, Tensor]:
+def _whitened(X: Tensor, y: Tensor, lam: float, ridge: str) -> tuple[Tensor, Tensor]:
     """``(L^-1 S_b L^-T, L)`` with ``L Lᵀ = S_w``: the generalised problem made symmetric."""
-    S_b, S_w, _ = scatter_matrices(X, y, lam)
+    S_b, S_w, _ = scatter_matrices(X, y, lam, ridge)
     L, info = torch.linalg.cholesky_ex(S_w)
     if int(info) != 0 or not torch.isfinite(L).all():
         raise DegenerateScatter(SINGULAR, "S_w is not positive definite")
@@ -145,9 +166,9 @@ def _whitened(X: Tensor, y: Tensor, lam: float) -> tuple[Tensor, Tensor]:
     return (M + M.T) / 2, L
 
 
-def generalized_eigvals(X: Tensor, y: Tensor, lam: float = 1e-3) -> Tensor:
+def generalized_eigvals(X: Tensor, y: Tensor, lam: float = 1e-3, ridge: str = "absolute") -> Tensor:
     """All ``ν`` of ``S_b v = ν S_w v``, ascending, float64, differentiable (``eigvalsh``)."""
-    M, _ = _whitened(X, y, lam)
+    M, _ = _whitened(X, y, lam, ridge)
     nu = torch.linalg.eigvalsh(M)
     if not torch.isfinite(nu).all():
         raise DegenerateScatter(NONFINITE, "eigenvalues")
@@ -159,20 +180,68 @@ def _top_count(y: Tensor, channels: int) -> int:
     return max(1, min(int(torch.unique(y).numel()) - 1, channels))
 
 
-def ld_loss(X: Tensor, y: Tensor, epsilon: float = 1.2, lam: float = 1e-3) -> Tensor:
+def ld_loss(
+    X: Tensor,
+    y: Tensor,
+    epsilon: float = 1.2,
+    lam: float = 1e-3,
+    ridge: str = "absolute",
+    transform: str = "none",
+) -> Tensor:
     """``-mean`` of the top ``n-1`` eigenvalues that lie within ``epsilon`` of their minimum.
 
     ``X``: ``[K, C]`` instance features, ``y``: ``[K]`` labels. Returns a float64 scalar.
+    The window is taken on the eigenvalues themselves; ``transform = "log"`` then averages
+    ``log(1 + ν)`` (``ν`` clamped at 0), so the loss is bounded below by ``-log(1 + ν_max)``
+    (with ``ridge = "total"``, ``ν_max <= C / lam``) and its gradient by ``1 / (1 + ν)``.
     Raises ``DegenerateScatter`` where the analysis is undefined (the caller skips the scale).
     """
-    nu = generalized_eigvals(X, y, lam)
+    return ld_loss_and_top(X, y, epsilon, lam, ridge, transform)[0]
+
+
+def ld_loss_and_top(
+    X: Tensor,
+    y: Tensor,
+    epsilon: float = 1.2,
+    lam: float = 1e-3,
+    ridge: str = "absolute",
+    transform: str = "none",
+) -> tuple[Tensor, float]:
+    """``ld_loss`` and the largest generalised eigenvalue (for the regime's trajectory)."""
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {', '.join(TRANSFORMS)}, not {transform!r}")
+    nu = generalized_eigvals(X, y, lam, ridge)
     top = nu[-_top_count(y, X.shape[1]) :]
     window = top.detach() <= top.detach().min() + epsilon
-    return -top[window].mean()
+    kept = top[window]
+    if transform == "log":
+        kept = torch.log1p(kept.clamp(min=0))
+    return -kept.mean(), float(nu[-1].detach())
 
 
-def covariance_penalty(X: Tensor) -> Tensor:
-    """``|| S_t - diag(S_t) ||_F^2``: the squared off-diagonal total scatter, float64."""
+def ld_loss_bound(channels: int, lam: float, transform: str = "log") -> float:
+    """The lowest value ``ld_loss`` can take with ``ridge = "total"``: ``-log(1 + C / lam)``.
+
+    ``vᵀS_b v <= vᵀS_t v <= tr(S_t) |v|²`` and the ridge adds ``lam tr(S_t) / C |v|²`` to the
+    denominator, so ``ν <= C / lam`` whatever the batch.
+    """
+    top = channels / lam if lam > 0 else math.inf
+    return -(math.log1p(top) if transform == "log" else top)
+
+
+def normalise_instances(X: Tensor) -> Tensor:
+    """Each instance scaled to unit length (an all-zero instance stays zero): the features then
+    carry only their direction, so any scaling of one or all instances leaves the loss unchanged."""
+    return X / X.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def covariance_penalty(X: Tensor, relative: bool = False) -> Tensor:
+    """``|| S_t - diag(S_t) ||_F^2``: the squared off-diagonal total scatter, float64.
+
+    ``relative``: divided by ``tr(S_t)^2``, which bounds it in ``[0, 1)`` (``||S||_F <= tr S``
+    for a PSD ``S``) and makes it invariant to a common scaling: the raw penalty grows with the
+    fourth power of the features and alone rewards shrinking them.
+    """
     if X.shape[0] < 2:
         raise DegenerateScatter(FEW_CLASSES, "fewer than 2 instances")
     X = X.to(torch.float64)
@@ -180,10 +249,13 @@ def covariance_penalty(X: Tensor) -> Tensor:
         raise DegenerateScatter(NONFINITE, "instance features")
     S_t = _centred_scatter(X)
     off = S_t - torch.diag_embed(S_t.diagonal())
-    return (off**2).sum()
+    penalty = (off**2).sum()
+    if relative:
+        penalty = penalty / S_t.diagonal().sum().square().clamp(min=1e-300)
+    return penalty
 
 
-def discriminants(X: Tensor, y: Tensor, lam: float = 1e-3) -> tuple[Tensor, Tensor]:
+def discriminants(X: Tensor, y: Tensor, lam: float = 1e-3, ridge: str = "absolute") -> tuple[Tensor, Tensor]:
     """The top ``n-1`` discriminants ``(ν [m], V [C, m])``, largest first, float64, no gradient.
 
     ``V``'s columns solve ``S_b v = ν S_w v`` with ``vᵀ S_w v = 1``. An eigenvector's sign is
@@ -192,7 +264,7 @@ def discriminants(X: Tensor, y: Tensor, lam: float = 1e-3) -> tuple[Tensor, Tens
     """
     with torch.no_grad():
         X = X.detach().to(torch.float64)
-        M, L = _whitened(X, y, lam)
+        M, L = _whitened(X, y, lam, ridge)
         nu, U = torch.linalg.eigh(M)
         if not (torch.isfinite(nu).all() and torch.isfinite(U).all()):
             raise DegenerateScatter(NONFINITE, "eigenvectors")

@@ -6,8 +6,9 @@ differs between its users comes in as hooks, never as a second loop:
 
 * ``extra_loss(model, batch, losses, neck)``: a method's own term (LDT's discriminant loss),
   given the neck maps of the very forward pass that computed ``losses``;
-* ``hooks``: objects with optional ``before_train(model)``, ``after_backward(model)`` and
-  ``after_train(model)`` (GroupFisher collects its Fisher sums between backward and step).
+* ``hooks``: objects with optional ``before_train(model)``, ``before_epoch(model)`` (whole
+  schedules only), ``after_backward(model)`` and ``after_train(model)`` (GroupFisher collects
+  its Fisher sums between backward and step; LDT logs its trajectory per epoch).
 
 ``Trainer.epochs`` runs a whole schedule; ``Trainer.steps(n)`` runs ``n`` more iterations of the
 same endless, seeded stream of batches (warm-up, then a constant rate: the total is not known
@@ -181,6 +182,7 @@ class Trainer:
         with self._session(total, hooks) as bar:
             for epoch in range(schedule.epochs):
                 model.set_epoch(epoch, schedule.epochs)
+                _call(hooks, "before_epoch", model)
                 running, steps = 0.0, 0
                 for images, targets in self.loader:
                     running, steps = (
@@ -281,6 +283,8 @@ def neck_maps(output: Any) -> list[Tensor]:
     raise ValueError(f"the neck returned {type(output).__name__}, not feature maps")
 
 
-def train(model: Detector, dataset: Any, schedule: Schedule, **options: Any) -> dict[str, float]:
+def train(
+    model: Detector, dataset: Any, schedule: Schedule, hooks: Sequence[Any] = (), **options: Any
+) -> dict[str, float]:
     """Train ``model`` in place for the whole ``schedule`` (``options``: ``Trainer``'s keywords)."""
-    return Trainer(model, dataset, schedule, **options).epochs()
+    return Trainer(model, dataset, schedule, **options).epochs(hooks)

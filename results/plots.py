@@ -1,8 +1,10 @@
 """The plots of a dataset's summary: mAP against pruning rate, against paired speed-up, and
-the recovery of mAP with fine-tuning epochs. Error bars are the std over seeds."""
+the recovery of mAP with fine-tuning epochs (error bars: the std over seeds); and the training
+trajectory of a regime that logs one (LDT's terms, eigenvalues and gradient ratio per epoch)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -123,4 +125,46 @@ def plot_recovery(summary: pd.DataFrame, metric: str, title: str, path: Path) ->
             ax.plot(xs, ys, marker="o", linestyle=style, color=colors[method],
                     label=f"{_label(method, regime)} {target}")  # fmt: skip
         _finish(ax, det, "fine-tuning epochs (0 = one-shot)", metric)
+    fig.savefig(path, dpi=100)
+
+
+TRAJECTORY_PANELS = (
+    ("ld", "L_LD (sum over scales)", False),
+    ("cov", "L_cov (sum over scales)", False),
+    ("top_eigenvalue", "largest ν (mean over steps)", True),
+    ("ld_grad_ratio", "‖∇ α L_LD‖ / ‖∇ L_det‖ (epoch's first step)", True),
+)
+
+
+def trajectories(rows: pd.DataFrame) -> list[tuple[str, list[dict[str, float]]]]:
+    """(label, per-epoch records) of every base row whose regime logged a trajectory (LDT)."""
+    out = []
+    for r in rows[rows["is_base"]].itertuples():
+        report = json.loads(r.report) if isinstance(r.report, str) and r.report else {}
+        epochs = (report.get("regime_stats") or {}).get("trajectory") or []
+        if epochs:
+            out.append((f"{r.detector} {r.regime} s{int(r.seed)}", epochs))
+    return sorted(out, key=lambda t: t[0])
+
+
+def plot_trajectory(series: list[tuple[str, list[dict[str, float]]]], title: str, path: Path) -> None:
+    """The regime's per-epoch L_LD, L_cov, top eigenvalue and gradient ratio, one line per base."""
+    fig = Figure(figsize=(11.0, 7.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2).ravel().tolist()
+    fig.suptitle(title)
+    cmap = colormaps["tab10"]
+    for ax, (key, label, log) in zip(axes, TRAJECTORY_PANELS, strict=True):
+        for i, (name, epochs) in enumerate(series):
+            points = [(e["epoch"], e[key]) for e in epochs if key in e and math.isfinite(e[key])]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker=".", color=cmap(i % 10), label=name)
+        if log and any(line.get_ydata().min() > 0 for line in ax.get_lines()):
+            ax.set_yscale("log")
+        ax.set_title(label, fontsize="medium")
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize="x-small")
     fig.savefig(path, dpi=100)

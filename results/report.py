@@ -18,7 +18,7 @@ from tabulate import tabulate
 
 from results.aggregate import mark_within_spread as _marks
 from results.aggregate import summarise
-from results.plots import plot_map_vs_pr, plot_map_vs_speedup, plot_recovery
+from results.plots import plot_map_vs_pr, plot_map_vs_speedup, plot_recovery, plot_trajectory, trajectories
 from results.store import COLUMN_NAMES, COLUMNS
 
 METRIC_NAMES = {"ap": "AP@[.5:.95]", "ap50": "AP@0.5"}
@@ -270,4 +270,9 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, suite: str) -> list[Path]:
             recovery_png = Path(f"{stem}_recovery.png")
             plot_recovery(summary, metric, f"{title}: mAP recovery with fine-tuning", recovery_png)
             written.append(recovery_png)
+        series = trajectories(sub)
+        if series:
+            trajectory_png = Path(f"{stem}_ldt_trajectory.png")
+            plot_trajectory(series, f"{title}: LDT training trajectory", trajectory_png)
+            written.append(trajectory_png)
     return written

@@ -132,6 +132,7 @@ class Runner:
             cell.train,
             seed=cell.seed,
             extra_loss=extra,
+            hooks=method.regime_hooks() if method is not None else (),
             desc=f"baseline {cell.experiment.detector}/{cell.experiment.dataset}",
             progress=self.progress,
         )

@@ -72,6 +72,7 @@ def prune_and_finetune(
             finetune,
             seed=seed,
             extra_loss=method.loss_hook(ctx),
+            hooks=method.regime_hooks(),
             desc=desc,
             progress=progress,
         )

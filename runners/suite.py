@@ -166,33 +166,46 @@ class Suite:
                     evaluate=self.evaluate,
                 )
                 built = {m: build_method(m, **self.method_options.get(m, {})) for m in methods}
-                regimes: dict[str, dict[str, Any]] = {"plain": {}}
-                for name, method in built.items():
-                    options = method.regime_options()
-                    if regimes.setdefault(method.regime, options) != options:
-                        raise SuiteError(
-                            f"{self.path}: '{name}' trains regime '{method.regime}' with options {options}, "
-                            f"another method with {regimes[method.regime]}: one baseline per regime"
-                        )
+                regimes, labels = _regimes(built)
                 base += [
                     Cell(method="base", target="", regime=r, regime_options=opts, **common)
                     for r, opts in sorted(regimes.items())
                 ]
-                for name, method in built.items():
+                for name in built:
                     for target in targets:
                         pruned.append(
                             Cell(
                                 method=name,
                                 target=target,
-                                regime=method.regime,
+                                regime=labels[name],
                                 method_options=self.method_options.get(name, {}),
-                                regime_options=regimes[method.regime],
+                                regime_options=regimes[labels[name]],
                                 **common,
                             )
                         )
         # experiments that differ only after the baseline (fine-tuning budgets) share base cells
         unique = {c.cell_id: c for c in base + pruned}
         return list(unique.values())
+
+
+def _regimes(built: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """One baseline per distinct (regime, training options): ``{label: options}`` and each
+    method's label. A regime trained with its method's default options is labelled by the regime
+    ("ldt"); a variant that trains it otherwise by the variant's name ("ldt:absolute"), so a suite
+    can compare training readings side by side (each with its own base row)."""
+    regimes: dict[str, dict[str, Any]] = {"plain": {}}
+    labels: dict[str, str] = {}
+    for name, method in built.items():
+        options = method.regime_options()
+        label = next(
+            (r for r, o in regimes.items() if r.partition(":")[0] == method.regime and o == options), None
+        )
+        if label is None:
+            default = build_method(method.regime).regime_options() if method.regime != "plain" else {}
+            label = method.regime if method.regime not in regimes and options == default else name
+            regimes[label] = options
+        labels[name] = label
+    return regimes, labels
 
 
 def suite_names() -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import methods.ldt  # noqa: F401  (registers "ldt")
 from datasets import build_dataset
@@ -28,9 +28,13 @@ from methods.ldt_math import (
     discriminating_power,
     instance_features,
     ld_loss,
+    ld_loss_and_top,
+    ld_loss_bound,
     location_attention,
+    normalise_instances,
     scatter_matrices,
 )
+from methods.ldt_regime import InstanceQueue
 from tests.conftest import ToyDetector
 
 SUITE = Path(__file__).resolve().parents[1] / "runners" / "suites" / "ldt_ablation.toml"
@@ -237,7 +241,7 @@ def _train_step(model: TraceToy, method: LDT, batch) -> tuple[Tensor | None, dic
 
 
 def test_train_loss_uses_the_loss_pass_neck_maps(trace_toy) -> None:
-    method = LDT()
+    method = LDT(queue=0)  # this batch alone: the expected value below is computed from it
     batch = _toy_batch([[0, 1], [1, 0], [0, 1], [1, 0]])
     extra, _ = _train_step(trace_toy, method, batch)  # called without the neck maps: recomputed
     assert extra is not None and torch.isfinite(extra)
@@ -252,7 +256,7 @@ def test_train_loss_uses_the_loss_pass_neck_maps(trace_toy) -> None:
     assert method.stats()["train"]["recomputed"] == 1  # the loss pass's features were used
     inst, _ = map_instances(*batch, (16, 16))
     X = inst.features(captured[0], 1)
-    expected = 5e-3 * ld_loss(X, inst.y) + 5e-4 * covariance_penalty(X)
+    expected = 5e-3 * ld_loss(X, inst.y, 1.2, 1e-3, "total", "log") + 5e-4 * covariance_penalty(X, True)
     assert torch.allclose(extra, expected.float())
     (grad,) = torch.autograd.grad(extra, trace_toy.conv1.weight)
     assert grad.abs().sum() > 0
@@ -305,9 +309,16 @@ def test_options_regime_and_validation() -> None:
     off = build_method("ldt", ldt_training=False)
     assert off.regime == "plain" and off.regime_options() == {}
     assert off.train_loss(None, PruneContext(), ([], []), {}) is None
-    assert set(build_method("ldt", a=0.1).regime_options()) == {"alpha", "beta", "epsilon", "lam"}
+    assert set(build_method("ldt", a=0.1).regime_options()) == {
+        "alpha", "beta", "epsilon", "lam", "ridge", "transform", "queue", "normalise", "cov_relative"
+    }  # fmt: skip
     assert LDT.defaults["alpha"] == 5e-3 and LDT.defaults["epsilon"] == 1.2 and LDT.defaults["b"] == 7.5
-    for bad in ({"utility": "both"}, {"alpha": -1.0}, {"b": 0.0}, {"location_attention": "yes"}, {"nope": 1}):
+    bad_options = (
+        {"utility": "both"}, {"alpha": -1.0}, {"b": 0.0}, {"location_attention": "yes"}, {"nope": 1},
+        {"ridge": "relative"}, {"transform": "sqrt"}, {"queue": 2.5}, {"queue": -1}, {"head": "all"},
+        {"normalise": 1},
+    )  # fmt: skip
+    for bad in bad_options:
         with pytest.raises(MethodError):
             build_method("ldt", **bad)
 
@@ -336,14 +347,17 @@ def test_tiny_fcos_prunes_to_the_budget_and_keeps_training(tmp_path) -> None:
     model.eval()
     shapes = [o.shape for o in model.core(model.example_input())]
     ctx = PruneContext(calibration=[batch], round_to=1, progress=False)
+    headless = build_method("ldt", head="none").prune(copy.deepcopy(model), ctx, Target.parse("params:0.3"))
+    unscored = headless.notes["unscored_groups"]
+    assert unscored and all(n.startswith("head.") for n in unscored)
+    assert not any(name.startswith("head.") for name in headless.layers)  # D never reaches the head
     report = method.prune(model, ctx, Target.parse("params:0.3"))
     assert abs(report.achieved["params"] - 0.3) <= 0.005
     assert [o.shape for o in model.core(model.example_input())] == shapes
     notes = report.notes["ldt"]
     assert len(notes["discriminants"]) == len(model.strides)
-    unscored = report.notes["unscored_groups"]
-    assert unscored and all(n.startswith("head.") for n in unscored)
-    assert not any(name.startswith("head.") for name in report.layers)  # D never reaches the head
+    assert not report.notes["unscored_groups"] and notes["head"]["head_layers"] > 0
+    assert any(name.startswith("head.") for name in report.layers)  # scored from the detection loss
     extra, _ = _train_step(model, method, batch)  # re-training on the pruned model
     assert extra is not None and torch.isfinite(extra)
     assert method.stats()["train"]["batches"] == 2
@@ -360,3 +374,169 @@ def test_cached_scores_share_the_scoring_notes(trace_toy) -> None:
     assert second.notes["scores_cached"] and not first.notes["scores_cached"]
     assert second.notes["ldt"]["discriminants"] == first.notes["ldt"]["discriminants"] != []
     assert second.notes["ldt"]["trace_counters"]["batches"] == 2
+
+
+# -- the regime's well-posedness (DESIGN.md §4 "LDT": scale invariant, bounded at K < C) ----------
+
+SCALE_INVARIANT = [
+    {"ridge": "within"},
+    {"ridge": "total"},
+    {"ridge": "total", "transform": "log"},
+    {"ridge": "within", "transform": "log"},
+]
+
+
+def _few_instances(seed: int = 0) -> tuple[Tensor, Tensor]:
+    """K = 6 instances of 3 classes in C = 16 channels: S_w has rank 3 apart from its ridge."""
+    return _clusters(seed=seed, per_class=2, classes=3, dims=16)
+
+
+@pytest.mark.parametrize("reading", SCALE_INVARIANT)
+def test_scaling_the_features_leaves_the_ld_loss_unchanged(reading) -> None:
+    for X, y in (_clusters(seed=3), _few_instances(seed=4)):
+        base = ld_loss(X, y, **reading)
+        assert torch.isfinite(base)
+        for factor in (10.0, 1e-3, 1e3):
+            assert abs(float(ld_loss(X * factor, y, **reading) - base)) <= 1e-6 * max(1.0, abs(float(base)))
+    # the gradient of a scale-invariant loss is orthogonal to the features: it never grows them
+    X, y = _few_instances(seed=5)
+    X.requires_grad_(True)
+    (grad,) = torch.autograd.grad(ld_loss(X, y, **reading), X)
+    assert abs(float((grad * X.detach()).sum())) <= 1e-8 * float(grad.norm() * X.detach().norm())
+
+
+def test_the_absolute_ridge_rewards_growing_the_features() -> None:
+    """The fault the relative readings remove: at K < C the loss falls like the squared scale."""
+    X, y = _few_instances(seed=6)
+    small, large = ld_loss(X, y, lam=1e-3), ld_loss(X * 10, y, lam=1e-3)
+    assert large < 50 * small < 0  # ~100x lower for 10x larger features
+
+
+def test_normalised_instances_are_invariant_to_any_per_instance_scaling() -> None:
+    X, y = _few_instances(seed=7)
+    scales = torch.logspace(-2, 2, X.shape[0], dtype=torch.float64)[:, None]
+    a = ld_loss(normalise_instances(X), y)
+    b = ld_loss(normalise_instances(X * scales), y)
+    assert abs(float(a - b)) <= 1e-6 * abs(float(a))
+    assert torch.allclose(normalise_instances(X).norm(dim=1), torch.ones(X.shape[0], dtype=X.dtype))
+    assert normalise_instances(torch.zeros(2, 3)).eq(0).all()
+
+
+def test_with_fewer_instances_than_channels_the_loss_is_finite_and_bounded() -> None:
+    """ridge "total" + log: L_LD >= -log(1 + C / lam) for every batch, even when each class has
+    collapsed to a point (S_w = 0 apart from the ridge), and the gradient stays finite; the
+    gradient of a scale-invariant loss falls as 1/scale, so ||grad|| * ||X|| is constant."""
+    lam, C = 1e-3, 16
+    bound = ld_loss_bound(C, lam)
+    assert bound == pytest.approx(-math.log(1 + C / lam))
+    X, y = _few_instances(seed=8)
+    collapsed = X.clone()
+    for c in y.unique():  # every instance of a class at its class mean: the worst case for LDA
+        collapsed[y == c] = X[y == c].mean(dim=0) + 1e-9 * torch.randn_like(X[y == c])
+    norms = []
+    for features in (X, collapsed, X * 1e3, collapsed * 1e-3):
+        Z = features.clone().requires_grad_(True)
+        loss, top = ld_loss_and_top(Z, y, lam=lam, ridge="total", transform="log")
+        (grad,) = torch.autograd.grad(loss, Z)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert float(loss.detach()) >= bound and top <= C / lam * (1 + 1e-9)
+        norms.append(float(grad.norm() * Z.norm()))
+    assert norms[2] == pytest.approx(norms[0], rel=1e-6) and norms[3] == pytest.approx(norms[1], rel=1e-6)
+    assert max(norms) < 1e3  # d log(1 + nu) = d nu / (1 + nu): the log keeps the collapse's gradient small
+    raw = ld_loss(collapsed, y, lam=lam, ridge="total")  # without the log: nu itself, in the thousands
+    assert -C / lam <= float(raw) < -0.1 * C / lam
+
+
+def test_relative_covariance_penalty_is_scale_invariant_and_below_one() -> None:
+    X, _ = _clusters(seed=9)
+    X = X @ torch.randn(5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # correlated
+    rel = covariance_penalty(X, relative=True)
+    assert 0 < float(rel) < 1
+    assert float(covariance_penalty(X * 10, relative=True)) == pytest.approx(float(rel), rel=1e-9)
+    assert float(covariance_penalty(X * 10)) == pytest.approx(1e4 * float(covariance_penalty(X)), rel=1e-9)
+
+
+def test_instance_queue_pools_detached_rows_first_in_first_out() -> None:
+    queue = InstanceQueue(5)
+    X1, y1 = torch.ones(3, 4, requires_grad=True), torch.tensor([0, 1, 1])
+    assert queue.pooled(0, X1, y1)[0] is X1  # empty: the batch alone
+    queue.push(0, X1, y1)
+    X2, y2 = 2 * torch.ones(3, 4, requires_grad=True), torch.tensor([1, 0, 0])
+    Xp, yp = queue.pooled(0, X2, y2)
+    assert Xp.shape == (6, 4) and yp.tolist() == [1, 0, 0, 0, 1, 1]
+    (grad,) = torch.autograd.grad(Xp.sum(), X2)  # gradients reach this batch's rows only
+    assert grad.eq(1).all() and not queue._X[0].requires_grad
+    queue.push(0, X2, y2)
+    assert len(queue) == 5 and queue._X[0][:3].eq(2).all()  # the newest first, the oldest dropped
+    narrow = torch.ones(2, 3)  # after pruning the width changed: the queued rows are not mixed in
+    assert queue.pooled(0, narrow, torch.tensor([0, 1]))[0] is narrow
+    off = InstanceQueue(0)
+    off.push(0, X1, y1)
+    assert len(off) == 0
+
+
+def test_the_queue_lets_a_one_class_batch_train(trace_toy) -> None:
+    """With this batch alone a one-class batch is skipped; pooled with earlier batches it trains."""
+    mixed, one_class = _toy_batch([[0, 1], [1, 0], [0, 1], [1, 0]]), _toy_batch([[0, 0], [0, 0]], seed=1)
+    alone, pooled = LDT(queue=0), LDT(queue=64)
+    for method in (alone, pooled):
+        _train_step(trace_toy, method, mixed)
+    assert _train_step(trace_toy, alone, one_class)[0] is None
+    extra, _ = _train_step(trace_toy, pooled, one_class)
+    assert extra is not None and torch.isfinite(extra)
+    (grad,) = torch.autograd.grad(extra, trace_toy.conv1.weight)
+    assert grad.abs().sum() > 0
+
+
+def test_training_logs_the_trajectory_per_epoch(trace_toy) -> None:
+    from methods.training import Schedule, train
+
+    method = LDT()
+    samples = list(zip(*_toy_batch([[0, 1], [1, 0], [0, 1], [1, 0]]), strict=True))
+    train(
+        trace_toy,
+        samples,
+        Schedule(epochs=3, batch_size=2, flip=0.0, warmup_iters=0),
+        extra_loss=method.loss_hook(PruneContext(progress=False)),
+        hooks=method.regime_hooks(),
+        progress=False,
+    )
+    trajectory = method.stats()["trajectory"]
+    assert [e["epoch"] for e in trajectory] == [0, 1, 2]
+    for epoch in trajectory:
+        assert {"ld", "ld_min", "cov", "top_eigenvalue", "ld_grad_ratio", "cov_grad_ratio"} <= set(epoch)
+        assert all(math.isfinite(v) for v in epoch.values())
+        assert epoch["ld_min"] >= ld_loss_bound(16, 1e-3) and 0 <= epoch["cov"] < 1  # one scale
+    assert LDT(ldt_training=False).regime_hooks() == []
+
+
+class HeadToy(TraceToy):
+    """The toy with a prunable head layer after the neck (which D never reaches)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tower = nn.Conv2d(16, 16, 3, padding=1)
+
+    def core(self, x: Tensor) -> tuple[Tensor, ...]:
+        h = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        h = torch.relu(self.tower(h))
+        return self.cls(h), self.box(h)
+
+
+def test_the_head_is_scored_from_the_detection_loss_on_the_traced_footing() -> None:
+    torch.manual_seed(0)
+    model = HeadToy().eval()
+    ctx = PruneContext(calibration=[_toy_batch([[0, 1], [1, 0], [0, 1], [1, 0]])], progress=False)
+    without = LDT(head="none").trace(model, ctx)
+    assert model.tower not in without and without[model.conv1].gt(0).any()
+    method = LDT()
+    with_head = method.trace(model, ctx)
+    detection = LDT(utility="detection").trace(model, ctx)
+    notes = method.head_notes
+    assert notes["head_layers"] == 1 and notes["shared_layers"] == 2
+    # the head's scores are the detection loss's, scaled by the median traced/detection ratio
+    ratios = sorted(float(without[m].mean() / detection[m].mean()) for m in (model.conv1, model.conv2))
+    assert notes["head_scale"] == pytest.approx(ratios[1])
+    assert torch.allclose(with_head[model.tower], detection[model.tower] * ratios[1])
+    for layer in (model.conv1, model.conv2):  # the traced layers keep D's own scores
+        assert torch.allclose(with_head[layer], without[layer], rtol=1e-5)

@@ -55,14 +55,27 @@ def test_cell_ids_change_with_what_shapes_them(tmp_path: Path) -> None:
     assert ca[1].cell_id != cb[1].cell_id and ca[1].baseline_key == cb[1].baseline_key
 
 
-def test_one_baseline_per_regime(tmp_path: Path) -> None:
+def test_training_readings_get_one_baseline_each(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text(
-        'methods = ["ldt", "ldt:strong"]\n[method_options."ldt:strong"]\nalpha = 0.05\n'
+        'methods = ["ldt:strong", "ldt", "ldt:no-attention", "ldt:strong-too"]\ntargets = ["params:0.3"]\n'
+        '[method_options."ldt:strong"]\nalpha = 0.05\n[method_options."ldt:strong-too"]\nalpha = 0.05\n'
+        'location_attention = false\n[method_options."ldt:no-attention"]\nlocation_attention = false\n'
         '[[experiments]]\ndetector = "fcos"\ndataset = "synthetic-coco"\n'
     )
-    with pytest.raises(SuiteError, match="one baseline per regime"):
-        load_suite(path).cells()
+    cells = load_suite(path).cells()
+    base = {c.regime: c for c in cells if c.method == "base"}
+    # the default reading keeps the regime's name; another reading is named after its variant
+    assert set(base) == {"plain", "ldt", "ldt:strong"}
+    assert base["ldt:strong"].regime_options["alpha"] == 0.05 and base["ldt"].regime_options["alpha"] == 5e-3
+    assert len({c.baseline_key for c in base.values()}) == 3
+    regime = {c.method: c.regime for c in cells if c.method != "base"}
+    assert regime == {
+        "ldt:strong": "ldt:strong",
+        "ldt": "ldt",
+        "ldt:no-attention": "ldt",
+        "ldt:strong-too": "ldt:strong",
+    }
 
 
 @pytest.mark.parametrize(
