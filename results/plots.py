@@ -128,11 +128,13 @@ def plot_recovery(summary: pd.DataFrame, metric: str, title: str, path: Path) ->
     fig.savefig(path, dpi=100)
 
 
+# (key, title, scale): a diverging reading runs to -1e6 beside bounded ones near -5, so the
+# terms are drawn on a symmetric log scale
 TRAJECTORY_PANELS = (
-    ("ld", "L_LD (sum over scales)", False),
-    ("cov", "L_cov (sum over scales)", False),
-    ("top_eigenvalue", "largest ν (mean over steps)", True),
-    ("ld_grad_ratio", "‖∇ α L_LD‖ / ‖∇ L_det‖ (epoch's first step)", True),
+    ("ld", "L_LD (sum over scales, mean over steps)", "symlog"),
+    ("cov", "L_cov (sum over scales)", "symlog"),
+    ("top_eigenvalue", "largest ν (mean over steps)", "log"),
+    ("ld_grad_ratio", "‖∇ α L_LD‖ / ‖∇ L_det‖ (epoch's first step)", "log"),
 )
 
 
@@ -154,13 +156,15 @@ def plot_trajectory(series: list[tuple[str, list[dict[str, float]]]], title: str
     axes = fig.subplots(2, 2).ravel().tolist()
     fig.suptitle(title)
     cmap = colormaps["tab10"]
-    for ax, (key, label, log) in zip(axes, TRAJECTORY_PANELS, strict=True):
+    for ax, (key, label, scale) in zip(axes, TRAJECTORY_PANELS, strict=True):
         for i, (name, epochs) in enumerate(series):
             points = [(e["epoch"], e[key]) for e in epochs if key in e and math.isfinite(e[key])]
             if points:
                 xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, marker=".", color=cmap(i % 10), label=name)
-        if log and any(line.get_ydata().min() > 0 for line in ax.get_lines()):
+        if scale == "symlog":
+            ax.set_yscale("symlog", linthresh=1.0)
+        elif ax.get_lines() and all(min(line.get_ydata()) > 0 for line in ax.get_lines()):
             ax.set_yscale("log")
         ax.set_title(label, fontsize="medium")
         ax.set_xlabel("epoch")
