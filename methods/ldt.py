@@ -15,13 +15,15 @@ Two halves, both driven by the ground-truth boxes:
   calibration batch in which every prunable layer's output maps ``F`` and ``dD/dF`` (or
   ``dL_det/dF``) are captured, and accumulates ``I_{l,c} = Σ_n Σ_p A_n(p) |w_{l,c,n} F_{l,c,n}(p)|``
   with ``w = mean_{x,y} dD/dF``. Scores are summed over each torch-pruning group; global scope.
-  ``D`` never reaches the head (it lies after the neck); with ``head = "detection"`` (default)
-  the head layers are scored by the same location-attended ``|w F|`` with ``w`` traced from the
-  detection loss in the same pass, scaled onto ``D``'s footing by the median ratio of the two
-  scores over the layers both reach. With ``head = "none"`` they get no score and stay whole.
+  ``D`` never reaches the head (it lies after the neck), so by default (``head = "none"``) the
+  head gets no score and stays whole; the engine names its groups in the report's notes. With
+  ``head = "detection"`` the head layers are scored by the same location-attended ``|w F|`` with
+  ``w`` traced from the detection loss in the same pass, scaled onto ``D``'s footing by the median
+  ratio of the two scores over the layers both reach. The ldt_ablation suite chose the default:
+  scoring the head buys FLOPs and speed-up at the rate it costs mAP (README, "LDT's head").
 
 Every constant is an option (``defaults``); the ablation switches are ``ldt_training``,
-``utility`` ("discriminant" | "detection") and ``location_attention``.
+``utility`` ("discriminant" | "detection"), ``location_attention`` and ``head``.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ class LDT(Method):
         "ldt_training": True,  # off: plain baseline and plain fine-tuning (regime "plain")
         "utility": "discriminant",  # or "detection": trace dL_det/dF instead of dD/dF
         "location_attention": True,  # off: A = 1 everywhere
-        "head": "detection",  # score the head (which D never reaches) from the detection loss
+        "head": "none",  # "detection": score the head (which D never reaches) from the detection loss
     }
 
     def __init__(self, **options: Any) -> None:

@@ -347,17 +347,19 @@ def test_tiny_fcos_prunes_to_the_budget_and_keeps_training(tmp_path) -> None:
     model.eval()
     shapes = [o.shape for o in model.core(model.example_input())]
     ctx = PruneContext(calibration=[batch], round_to=1, progress=False)
-    headless = build_method("ldt", head="none").prune(copy.deepcopy(model), ctx, Target.parse("params:0.3"))
-    unscored = headless.notes["unscored_groups"]
-    assert unscored and all(n.startswith("head.") for n in unscored)
-    assert not any(name.startswith("head.") for name in headless.layers)  # D never reaches the head
+    headed = build_method("ldt", head="detection").prune(
+        copy.deepcopy(model), ctx, Target.parse("params:0.3")
+    )
+    assert not headed.notes["unscored_groups"] and headed.notes["ldt"]["head"]["head_layers"] > 0
+    assert any(name.startswith("head.") for name in headed.layers)  # scored from the detection loss
     report = method.prune(model, ctx, Target.parse("params:0.3"))
     assert abs(report.achieved["params"] - 0.3) <= 0.005
     assert [o.shape for o in model.core(model.example_input())] == shapes
     notes = report.notes["ldt"]
     assert len(notes["discriminants"]) == len(model.strides)
-    assert not report.notes["unscored_groups"] and notes["head"]["head_layers"] > 0
-    assert any(name.startswith("head.") for name in report.layers)  # scored from the detection loss
+    unscored = report.notes["unscored_groups"]  # the default: D never reaches the head
+    assert unscored and all(n.startswith("head.") for n in unscored)
+    assert not any(name.startswith("head.") for name in report.layers)
     extra, _ = _train_step(model, method, batch)  # re-training on the pruned model
     assert extra is not None and torch.isfinite(extra)
     assert method.stats()["train"]["batches"] == 2
@@ -527,9 +529,9 @@ def test_the_head_is_scored_from_the_detection_loss_on_the_traced_footing() -> N
     torch.manual_seed(0)
     model = HeadToy().eval()
     ctx = PruneContext(calibration=[_toy_batch([[0, 1], [1, 0], [0, 1], [1, 0]])], progress=False)
-    without = LDT(head="none").trace(model, ctx)
+    without = LDT().trace(model, ctx)  # the default: the head unscored
     assert model.tower not in without and without[model.conv1].gt(0).any()
-    method = LDT()
+    method = LDT(head="detection")
     with_head = method.trace(model, ctx)
     detection = LDT(utility="detection").trace(model, ctx)
     notes = method.head_notes
