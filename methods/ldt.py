@@ -46,7 +46,6 @@ from .groups import ROOT_TYPES, ChannelScores, fixed_layers
 from .ldt_math import (
     FEW_CLASSES,
     NONFINITE,
-    SKIP_REASONS,
     DegenerateScatter,
     Instances,
     check_classes,
@@ -58,15 +57,17 @@ from .ldt_math import (
     map_instances,
     normalise_instances,
 )
-from .ldt_regime import REGIME_KEYS, InstanceQueue, Trajectory, capture, check_options, scoring_mode
+from .ldt_regime import (
+    REGIME_KEYS,
+    InstanceQueue,
+    Trajectory,
+    capture,
+    check_options,
+    new_counters,
+    scoring_mode,
+)
 from .training import neck_maps
 from .types import Batch, Losses, Maps, MethodError, PruneContext
-
-
-def _new_counters() -> dict[str, dict[str, int]]:
-    base = {"batches": 0, "instances": 0, "dropped_boxes": 0, "scales": 0, "skipped": 0}
-    base |= {reason: 0 for reason in SKIP_REASONS}
-    return {"train": {**base, "recomputed": 0}, "trace": {**base, "empty_batches": 0}}
 
 
 @register("ldt")
@@ -99,7 +100,7 @@ class LDT(Method):
         check_options(o)
         # the regime decides the baseline; without LDT training the plain baseline is shared
         self.regime = "ldt" if o["ldt_training"] else "plain"  # type: ignore[misc]
-        self.counters = _new_counters()
+        self.counters = new_counters()
         self.discriminants: list[tuple[Tensor, Tensor] | None] = []
         self.summary: list[dict[str, Any]] = []
         self._tensor_sizes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -340,11 +341,10 @@ class LDT(Method):
                     continue
                 captured = [(m, out) for m, outs_m in records.items() for out in outs_m]
                 attention: dict[tuple[int, int], Tensor] = {}
-                for key, objective in objectives.items():
-                    if objective is None or not objective.requires_grad:
-                        continue
-                    grads = torch.autograd.grad(
-                        objective, [o for _, o in captured], allow_unused=True, retain_graph=True
+                live = [(k, o) for k, o in objectives.items() if o is not None and o.requires_grad]
+                for i, (key, objective) in enumerate(live):
+                    grads = torch.autograd.grad(  # the graph is kept only for a second objective
+                        objective, [o for _, o in captured], allow_unused=True, retain_graph=i + 1 < len(live)
                     )
                     for (module, out), grad in zip(captured, grads, strict=True):
                         if grad is None:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .groups import NORMS
-from .ldt_math import RIDGES, TRANSFORMS
+from .ldt_math import RIDGES, SKIP_REASONS, TRANSFORMS
 from .types import Losses, MethodError
 
 UTILITIES = ("discriminant", "detection")
@@ -22,6 +22,13 @@ HEADS = ("detection", "none")
 REGIME_KEYS = ("alpha", "beta", "epsilon", "lam", "ridge", "transform", "queue", "normalise", "cov_relative")
 # kept in eval mode while the detection utility runs the losses: statistics and randomness fixed
 FROZEN_WHEN_TRACING = (*NORMS, nn.Dropout, nn.Dropout2d)
+
+
+def new_counters() -> dict[str, dict[str, int]]:
+    """LDT's counters per phase: batches, instances, scales and why scales were skipped."""
+    base = {"batches": 0, "instances": 0, "dropped_boxes": 0, "scales": 0, "skipped": 0}
+    base |= {reason: 0 for reason in SKIP_REASONS}
+    return {"train": {**base, "recomputed": 0}, "trace": {**base, "empty_batches": 0}}
 
 
 def check_options(o: dict[str, Any]) -> None:
@@ -70,10 +77,7 @@ class InstanceQueue:
         """Queue ``X`` (detached) in front; the oldest rows beyond ``size`` leave."""
         if self.size <= 0:
             return
-        X, y = X.detach(), y.detach()
-        old = self._X.get(scale)
-        if old is not None and old.shape[1] == X.shape[1] and old.device == X.device:
-            X, y = torch.cat([X, old.to(X.dtype)]), torch.cat([y, self._y[scale].to(y.device)])
+        X, y = self.pooled(scale, X.detach(), y.detach())
         self._X[scale], self._y[scale] = X[: self.size], y[: self.size]
 
     def __len__(self) -> int:
