@@ -7,6 +7,7 @@ suite exercises the same code as ``build_dataset("coco", "val", root=...)`` on r
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 from typing import Any
@@ -60,19 +61,26 @@ def build_dataset(name: str, split: str, root: str | Path | None = None, **optio
     ``transform``, a callable ``(image, target) -> (image, target)``.
     """
     if name not in _OPTIONS:
-        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        near = difflib.get_close_matches(str(name), DATASETS, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise DatasetError(f"unknown dataset {name!r}{hint}; known: {', '.join(DATASETS)}")
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r} for {name!r}; known: {', '.join(SPLITS)}")
     unknown = sorted(set(options) - _OPTIONS[name])
     if unknown:
+        near = difflib.get_close_matches(unknown[0], sorted(_OPTIONS[name]), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
         raise DatasetError(
-            f"unknown option(s) {', '.join(unknown)} for {name!r}; known: {sorted(_OPTIONS[name])}"
+            f"unknown option(s) {', '.join(unknown)} for {name!r}{hint}; known: {sorted(_OPTIONS[name])}"
         )
     transform = options.pop("transform", None)
     kitti_options = {"seed": options.pop("split_seed", 0), "val_fraction": options.pop("val_fraction", 0.2)}
 
     if name.startswith("synthetic-"):
         params = {**_SYNTHETIC_OPTIONS, **options}
+        for key, value in params.items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise DatasetError(f"{name}: option {key} must be a whole number, not {value!r}")
         data = generate(synthetic_root(root, **params), **params)
         if name == "synthetic-coco":
             coco = data / "coco"

@@ -128,6 +128,26 @@ def decode_rgb(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))
 
 
+# Sets up to this many images have every image's header read before training (a few ms per
+# thousand): a file that is not an image, or of another size, fails before any training starts.
+# Larger sets (COCO's 118k training images) are checked as they are read, naming the file.
+HEADER_CHECK_LIMIT = 20_000
+
+
+def check_header(path: Path, size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Read ``path``'s image header only (no decoding) and return its ``(width, height)``; a
+    DatasetError naming the file when it is not an image or not of the annotated ``size``."""
+    try:
+        with Image.open(path) as img:
+            found = img.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"{path}: cannot decode image: {exc}") from None
+    if size is not None and found != tuple(size):
+        actual, expected = "x".join(map(str, found)), "x".join(map(str, size))
+        raise DatasetError(f"{path}: image is {actual}, annotations say {expected}")
+    return found
+
+
 def boxes_array(rows: list[list[float]] | list[tuple[float, ...]]) -> np.ndarray:
     """``[K, 4]`` float32 array, also for K = 0 (so empty targets keep their shape)."""
     return np.asarray(rows, dtype=np.float32).reshape(-1, 4)

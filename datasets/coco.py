@@ -8,13 +8,23 @@ them, so training must not treat them as objects); degenerate boxes are skipped 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from datasets.base import DatasetError, DetectionDataset, ImageRecord, Transform, boxes_array, quiet_coco
+from datasets.base import (
+    HEADER_CHECK_LIMIT,
+    DatasetError,
+    DetectionDataset,
+    ImageRecord,
+    Transform,
+    boxes_array,
+    check_header,
+    quiet_coco,
+)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -37,10 +47,18 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _xyxy(ann: dict[str, Any], path: Path) -> tuple[float, float, float, float]:
+    """The box as xyxy; a negative width or height, or a coordinate that is not a finite number,
+    is an error naming the annotation (COCO's own files have none: such a box is a broken file)."""
     try:
         x, y, w, h = (float(v) for v in ann["bbox"])
     except (KeyError, TypeError, ValueError):
         raise DatasetError(f"{path}: annotation {ann.get('id')!r} has no valid 'bbox' [x, y, w, h]") from None
+    if not all(math.isfinite(v) for v in (x, y, w, h)):
+        raise DatasetError(f"{path}: annotation {ann.get('id')!r}: bbox {ann['bbox']} is not finite")
+    if w < 0 or h < 0:
+        raise DatasetError(
+            f"{path}: annotation {ann.get('id')!r}: bbox {ann['bbox']} has a negative width or height"
+        )
     return x, y, x + w, y + h
 
 
@@ -89,6 +107,8 @@ class CocoDetection(DetectionDataset):
                 size = (int(info["width"]), int(info["height"])) if info.get("width") else None
             except (KeyError, TypeError, ValueError):
                 raise DatasetError(f"{path}: image {image_id} has a bad 'width'/'height'") from None
+            if len(self.coco.imgs) <= HEADER_CHECK_LIMIT:
+                check_header(file, size)
             boxes, labels, ignore = [], [], []
             for ann in self.coco.imgToAnns.get(image_id, []):
                 category = ann.get("category_id")

@@ -13,9 +13,16 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from datasets.base import DatasetError, DetectionDataset, ImageRecord, Transform, boxes_array, quiet_coco
+from datasets.base import (
+    DatasetError,
+    DetectionDataset,
+    ImageRecord,
+    Transform,
+    boxes_array,
+    check_header,
+    quiet_coco,
+)
 
 CLASSES = ["Car", "Pedestrian", "Cyclist"]
 IGNORED_TYPES = frozenset({"Van", "Truck", "Person_sitting", "Tram", "Misc"})
@@ -84,15 +91,6 @@ def split_ids(ids: list[int], split: str, seed: int = 0, val_fraction: float = 0
     return sorted(ordered[i] for i in chosen)
 
 
-def _image_size(path: Path) -> tuple[int, int]:
-    """Header-only read (cheap); a file that is not an image at all fails here, naming itself."""
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DatasetError(f"{path}: cannot read image: {exc}") from None
-
-
 class KittiDetection(DetectionDataset):
     """One split of ``root/training``; images without any object are kept (they count for evaluation)."""
 
@@ -143,7 +141,7 @@ class KittiDetection(DetectionDataset):
                     boxes=boxes_array(boxes),
                     labels=np.asarray(labs, dtype=np.int64),
                     ignore_boxes=boxes_array(dont_care),
-                    size=_image_size(path),
+                    size=check_header(path),
                 )
             )
         self.coco = quiet_coco(self._coco_dataset())

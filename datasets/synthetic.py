@@ -310,7 +310,8 @@ def generate(
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
         raise not_ours
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    # named with this process's id, so a killed run's half-written folder is found and removed
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.{os.getpid()}.", suffix=".tmp", dir=root.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any folder
         _write_set(tmp, seed, num_train, num_val, image_size)

@@ -7,16 +7,17 @@ from .base import (
     build_detector,
     detector_names,
     layer_widths,
-    load_checkpoint,
-    save_checkpoint,
 )
+from .checkpoints import ChecksumError, load_checkpoint, load_weights, save_checkpoint
 
 __all__ = [
+    "ChecksumError",
     "Detector",
     "DetectorError",
     "build_detector",
     "detector_names",
     "layer_widths",
     "load_checkpoint",
+    "load_weights",
     "save_checkpoint",
 ]

@@ -5,8 +5,8 @@ Methods and runners only see this contract; a method never knows which detector 
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,6 +30,9 @@ class Detector(nn.Module):
     spec: dict[str, Any]
     strides: tuple[int, ...]
     input_size: int
+    # an input size must be a multiple of this, the backbone's output stride, for every level's
+    # maps to align in the top-down merges (FPN's extra P6/P7 are strided convolutions: any size)
+    size_divisor: int = 32
     # what ``core`` fixes that the real pipeline would not (Faster R-CNN's proposal count): the
     # tables state it next to FLOPs and latency
     core_conditions: dict[str, Any] = {}
@@ -106,17 +109,15 @@ def build_detector(
 ) -> Detector:
     """Build a detector by name; no weights are ever downloaded."""
     if name not in _REGISTRY:
-        raise DetectorError(f"unknown detector '{name}'; known: {', '.join(detector_names())}")
+        near = difflib.get_close_matches(str(name), detector_names(), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise DetectorError(f"unknown detector '{name}'{hint}; known: {', '.join(detector_names())}")
     model = _REGISTRY[name](num_classes=num_classes, size=size, input_size=input_size, **options)
     model.spec = {"name": name, "num_classes": num_classes, "size": size, "input_size": input_size, **options}
     return model
 
 
-# -- checkpoints ---------------------------------------------------------------------------------
-# A structurally pruned model has the unpruned module tree with narrower layers, so a checkpoint
-# stores the build spec plus every layer's width; loading builds the spec, narrows the layers,
-# then loads the weights. Only tensors and plain values are saved (``weights_only`` loading).
-
+# -- layer widths (what a checkpoint records of a pruned model; see checkpoints.py) ------------
 _WIDTH_ATTRS: dict[type, tuple[str, ...]] = {
     nn.Conv2d: ("in_channels", "out_channels", "groups"),
     nn.Linear: ("in_features", "out_features"),
@@ -132,52 +133,3 @@ def layer_widths(model: nn.Module) -> dict[str, dict[str, int]]:
             if isinstance(module, kind):
                 widths[name] = {a: int(getattr(module, a)) for a in attrs}
     return widths
-
-
-def _narrow(model: nn.Module, widths: dict[str, dict[str, int]], state: dict[str, Tensor]) -> None:
-    """Give every layer the width and tensor shapes recorded in ``widths``/``state``."""
-    for name, module in model.named_modules():
-        if name not in widths:
-            continue
-        for attr, value in widths[name].items():
-            setattr(module, attr, value)
-        prefix = f"{name}." if name else ""
-        for pname, param in list(module.named_parameters(recurse=False)):
-            shape = state[prefix + pname].shape
-            setattr(module, pname, nn.Parameter(torch.empty(shape, dtype=param.dtype)))
-        for bname, buf in list(module.named_buffers(recurse=False)):
-            key = prefix + bname
-            if buf is not None and key in state:
-                module.register_buffer(bname, torch.empty_like(state[key]))
-
-
-def save_checkpoint(model: Detector, path: Path, meta: dict[str, Any] | None = None) -> Path:
-    """Write atomically: a killed run never leaves a truncated checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "spec": model.spec,
-        "widths": layer_widths(model),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "meta": meta or {},
-    }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
-
-
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> tuple[Detector, dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise DetectorError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-        spec = dict(payload["spec"])
-    except Exception as exc:  # a foreign or truncated file: say which, not where torch failed
-        raise DetectorError(f"not a detprune checkpoint: {path} ({exc.__class__.__name__})") from exc
-    name = spec.pop("name")
-    model = build_detector(name, **spec)
-    _narrow(model, payload["widths"], payload["state_dict"])
-    model.load_state_dict(payload["state_dict"])
-    return model, payload.get("meta", {})

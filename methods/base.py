@@ -18,6 +18,7 @@ This module imports nothing of the engine: ``methods/__init__`` hands the engine
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -45,9 +46,14 @@ class Method:
     train_iterations: int = 0
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.defaults)
+        unknown = sorted(set(options) - set(self.defaults))
         if unknown:
-            raise MethodError(f"method '{self.name}' has no option(s) {', '.join(sorted(unknown))}")
+            near = difflib.get_close_matches(unknown[0], list(self.defaults), n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise MethodError(
+                f"method '{self.name}' has no option(s) {', '.join(unknown)}{hint}; "
+                f"its options: {', '.join(sorted(self.defaults)) or 'none'}"
+            )
         self.options = {**self.defaults, **options}
 
     def regime_options(self) -> dict[str, Any]:
@@ -118,5 +124,7 @@ def build_method(name: str, **options: Any) -> Method:
     """``name`` or ``name:variant`` (a named variant: same method, its own options in a suite)."""
     base = name.partition(":")[0]
     if base not in _REGISTRY:
-        raise MethodError(f"unknown method '{base}'; known: {', '.join(method_names())}")
+        near = difflib.get_close_matches(base, method_names(), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise MethodError(f"unknown method '{base}'{hint}; known: {', '.join(method_names())}")
     return _REGISTRY[base](**options)

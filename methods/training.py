@@ -18,6 +18,7 @@ the parameters' shapes.
 
 from __future__ import annotations
 
+import difflib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 
 from detectors.base import Detector
 
+_KIND_NAMES = {int: "a whole number", float: "a number", str: "text"}
 ExtraLoss = Callable[[Detector, Any, dict[str, Tensor], "list[Tensor] | None"], "Tensor | None"]
 
 
@@ -48,11 +50,39 @@ class Schedule:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> Schedule:
+        """A schedule from a suite's table; a misspelt key, a value of the wrong type or out of
+        range is a ValueError naming the key (and the nearest valid one)."""
         values = dict(values or {})
-        unknown = set(values) - set(cls.__dataclass_fields__)
+        fields = list(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - set(fields))
         if unknown:
-            raise ValueError(f"unknown schedule key(s): {', '.join(sorted(unknown))}")
-        return cls(**values)
+            near = difflib.get_close_matches(unknown[0], fields, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ValueError(f"unknown schedule key(s): {', '.join(unknown)}{hint}")
+        for key, value in values.items():
+            kind = type(getattr(cls, key))
+            numeric = kind is float and isinstance(value, int)
+            if isinstance(value, bool) or not (isinstance(value, kind) or numeric):
+                raise ValueError(f"schedule key {key} must be {_KIND_NAMES[kind]}, not {value!r}")
+        schedule = cls(**values)
+        schedule.check()
+        return schedule
+
+    def check(self) -> None:
+        """The ranges a schedule must keep (a ValueError naming the key)."""
+        for key, ok, need in (
+            ("optimizer", self.optimizer in ("sgd", "adamw"), "'sgd' or 'adamw'"),
+            ("epochs", self.epochs >= 0, "0 or more"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("lr", math.isfinite(self.lr) and self.lr > 0, "a positive number"),
+            ("momentum", 0 <= self.momentum < 1, "in [0, 1)"),
+            ("weight_decay", self.weight_decay >= 0, "0 or more"),
+            ("warmup_iters", self.warmup_iters >= 0, "0 or more"),
+            ("clip_grad_norm", self.clip_grad_norm > 0, "a positive number"),
+            ("flip", 0 <= self.flip <= 1, "in [0, 1]"),
+        ):
+            if not ok:
+                raise ValueError(f"schedule key {key} must be {need}, not {getattr(self, key)!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,6 +199,7 @@ class Trainer:
         )
         self.iterations = 0
         self._stream: Iterator | None = None
+        self._trace: list[tuple[float, float]] = []
 
     def epochs(self, hooks: Sequence[Any] = ()) -> dict[str, float]:
         """The whole schedule; returns the last epoch's mean loss and the seconds spent."""
@@ -183,14 +214,11 @@ class Trainer:
             for epoch in range(schedule.epochs):
                 model.set_epoch(epoch, schedule.epochs)
                 _call(hooks, "before_epoch", model)
-                running, steps = 0.0, 0
+                first = len(self._trace)
                 for images, targets in self.loader:
-                    running, steps = (
-                        running + self._step(images, targets, optimizer, scheduler, hooks, bar),
-                        steps + 1,
-                    )
-                mean_loss = running / max(1, steps)
-        return {"loss": mean_loss, "seconds": time.perf_counter() - start}
+                    self._step(images, targets, optimizer, scheduler, hooks, bar)
+                mean_loss = _mean([d + e for d, e in self._trace[first:]])
+        return self._stats(mean_loss, start)
 
     def steps(self, n: int, hooks: Sequence[Any] = ()) -> dict[str, float]:
         """``n`` more iterations of the endless stream, warm-up counted from the first call."""
@@ -202,12 +230,17 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda it: _lr_factor(first + it, None, warmup)
         )
-        start, running = time.perf_counter(), 0.0
+        start = time.perf_counter()
         with self._session(n, hooks) as bar:
             for _ in range(n):
                 images, targets = next(self._stream)
-                running += self._step(images, targets, optimizer, scheduler, hooks, bar)
-        return {"loss": running / max(1, n), "seconds": time.perf_counter() - start}
+                self._step(images, targets, optimizer, scheduler, hooks, bar)
+        return self._stats(_mean([d + e for d, e in self._trace]), start)
+
+    def _stats(self, loss: float, start: float) -> dict[str, Any]:
+        """The mean loss, the seconds, and the health of this session's loss (``loss_health``)."""
+        det, extra = [d for d, _ in self._trace], [e for _, e in self._trace]
+        return {"loss": loss, "seconds": time.perf_counter() - start, "health": loss_health(det, extra)}
 
     def _endless(self) -> Iterator[tuple[list, list]]:
         while True:
@@ -218,6 +251,7 @@ class Trainer:
 
         class Session:
             def __enter__(self) -> tqdm:
+                trainer._trace = []  # (detection loss, method's loss) per step of this session
                 trainer.model.train()
                 trainer._neck_handle = None
                 if trainer.extra_loss is not None:  # the extra loss sees this pass's neck maps
@@ -251,7 +285,8 @@ class Trainer:
         images, targets = _to(next(model.parameters()).device, images, targets)
         self._neck = None
         losses = model.loss(images, targets)
-        loss = sum(losses.values())
+        loss = detection = sum(losses.values())
+        extra = None
         if self.extra_loss is not None:
             neck = neck_maps(self._neck) if self._neck is not None else None
             extra = self.extra_loss(model, (images, targets), losses, neck)
@@ -267,9 +302,42 @@ class Trainer:
         optimizer.step()
         scheduler.step()
         self.iterations += 1
+        self._trace.append((detection.item(), extra.item() if extra is not None else 0.0))
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # drawn at tqdm's own interval
         return loss.item()
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+RISE_TOLERANCE = 1.1  # step-to-step noise: a detection loss 10% above its start has not converged
+
+
+def loss_health(detection: Sequence[float], extra: Sequence[float]) -> str:
+    """``"ok"``, or what is wrong with a run's loss, from its per-step detection loss and the
+    method's own term (0 where it has none), comparing the first fifth of the steps with the last.
+
+    A non-finite loss stops the loop (a failed cell); this names the finite failures that would
+    otherwise yield rows that look like results: a detection loss that ends above where it began,
+    and a method's term that outweighs the detection loss (LDT's first reading drove its total
+    loss to -3000 while the detector learnt nothing).
+    """
+    n = len(detection)
+    if n < 2:
+        return "ok"
+    k = max(1, n // 5)
+    first, last = _mean(detection[:k]), _mean(detection[-k:])
+    term = _mean([abs(e) for e in extra[-k:]])
+    problems = []
+    if last > RISE_TOLERANCE * first:
+        problems.append(
+            f"detection loss rose from {first:.3g} to {last:.3g} (first vs last fifth of {n} steps)"
+        )
+    if term > last:
+        problems.append(f"the method's loss term ({term:.3g}) outweighs the detection loss ({last:.3g})")
+    return "; ".join(problems) or "ok"
 
 
 def neck_maps(output: Any) -> list[Tensor]:

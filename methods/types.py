@@ -6,6 +6,7 @@ them (DESIGN.md §3, §6).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,8 +43,10 @@ class Target:
     def parse(cls, text: str) -> Target:
         kind, sep, rate = str(text).partition(":")
         if not sep or kind not in TARGET_KINDS:
+            near = difflib.get_close_matches(kind, TARGET_KINDS, n=1) if sep else []
+            hint = f" (did you mean '{near[0]}:{rate}'?)" if near else ""
             raise MethodError(
-                f"bad target '{text}': expected KIND:RATE with KIND in {', '.join(TARGET_KINDS)}"
+                f"bad target '{text}': expected KIND:RATE with KIND in {', '.join(TARGET_KINDS)}{hint}"
             )
         try:
             value = float(rate)

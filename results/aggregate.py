@@ -38,8 +38,11 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
             row[name] = values.mean() if len(values) else math.nan
             row[f"{name}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
         row["cell_id"] = min(grp["cell_id"])
+        # what any replicate's training loss showed that it should not ("" when all were "ok")
+        health = grp["train_health"] if "train_health" in grp else pd.Series(dtype=object)
+        row["health"] = "; ".join(sorted({str(h) for h in health.dropna()} - {"", "ok"}))
         out.append(row)
-    columns = [*GROUP, "n", "seeds", *FIGURES, *(f"{f}_std" for f in FIGURES), "cell_id"]
+    columns = [*GROUP, "n", "seeds", *FIGURES, *(f"{f}_std" for f in FIGURES), "cell_id", "health"]
     return pd.DataFrame(out, columns=columns)
 
 

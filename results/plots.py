@@ -14,6 +14,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from results.files import write_atomically
+
 METRIC_LABEL = {"map": "AP@[.5:.95]", "ap50": "AP@0.5"}
 
 
@@ -91,7 +93,7 @@ def plot_map_vs_pr(summary: pd.DataFrame, metric: str, title: str, path: Path) -
             ax.errorbar(rows["achieved_params_pr"] * 100, rows[metric] * 100, yerr=_err(rows, metric, 100),
                         marker="o", capsize=3, color=colors[method], label=label)  # fmt: skip
         _finish(ax, det, "achieved parameter reduction PR (%)", metric)
-    fig.savefig(path, dpi=100)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 def plot_map_vs_speedup(summary: pd.DataFrame, metric: str, title: str, path: Path) -> None:
@@ -107,7 +109,7 @@ def plot_map_vs_speedup(summary: pd.DataFrame, metric: str, title: str, path: Pa
                         yerr=_err(rows, metric, 100), fmt="o", capsize=3, color=colors[method],
                         label=label)  # fmt: skip
         _finish(ax, det, "core() speed-up against its base (×)", metric)
-    fig.savefig(path, dpi=100)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 def plot_recovery(summary: pd.DataFrame, metric: str, title: str, path: Path) -> None:
@@ -125,7 +127,7 @@ def plot_recovery(summary: pd.DataFrame, metric: str, title: str, path: Path) ->
             ax.plot(xs, ys, marker="o", linestyle=style, color=colors[method],
                     label=f"{_label(method, regime)} {target}")  # fmt: skip
         _finish(ax, det, "fine-tuning epochs (0 = one-shot)", metric)
-    fig.savefig(path, dpi=100)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
 
 
 # (key, title, scale): a diverging reading runs to -1e6 beside bounded ones near -5, so the
@@ -171,4 +173,4 @@ def plot_trajectory(series: list[tuple[str, list[dict[str, float]]]], title: str
         ax.grid(True, alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize="x-small")
-    fig.savefig(path, dpi=100)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from tabulate import tabulate
 
 from results.aggregate import mark_within_spread as _marks
 from results.aggregate import summarise
+from results.files import write_atomically, write_text
 from results.plots import plot_map_vs_pr, plot_map_vs_speedup, plot_recovery, plot_trajectory, trajectories
 from results.store import COLUMN_NAMES, COLUMNS
 
@@ -28,6 +30,7 @@ HEADERS = (
     "mAP 1-shot", "mAP", "AP50", "vs best", "core ms", "speed-up [95% CI]", "eff.", "predict ms",
 )  # fmt: skip
 MISSING = "-"
+FLAG = "⚠"  # a row whose training loss did not behave (see the footnote under the table)
 _METRIC_LABEL = {METRIC_COLUMNS[k]: v for k, v in METRIC_NAMES.items()}
 _NUMERIC = [name for name, sqltype in COLUMNS if sqltype in ("REAL", "INTEGER")]
 _TEXT = [name for name, sqltype in COLUMNS if sqltype == "TEXT"]
@@ -111,9 +114,38 @@ def _speedup(r: Any) -> str:
 
 
 def _display_method(r: Any) -> str:
-    if not r.is_base:
-        return r.method
-    return "base" if r.regime == "plain" else f"base ({r.regime})"
+    name = r.method if not r.is_base else "base" if r.regime == "plain" else f"base ({r.regime})"
+    return f"{name} {FLAG}" if getattr(r, "health", "") else name
+
+
+def _health_lines(summary: pd.DataFrame) -> list[str]:
+    """A footnote per flagged row: its training loss looked wrong, so its figures are suspect."""
+    lines = [
+        f"- {r.detector} {_display_method(r)} {r.target or ''}".rstrip() + f": {r.health}"
+        for r in summary.itertuples(index=False)
+        if r.health
+    ]
+    if not lines:
+        return []
+    head = (
+        f"{FLAG} training health: the loss of these rows' training (the baseline's for a base row, the "
+        "fine-tuning's for a pruned one) did not behave as a converging run's does; read their "
+        "figures as a symptom, not a result."
+    )
+    return [head, "", *lines, ""]
+
+
+def render_failures(failures: pd.DataFrame) -> str:
+    """The failed cells as a markdown table (stage, reason, attempts); "" when there are none."""
+    if failures is None or failures.empty:
+        return ""
+    rows = [
+        [r.label, r.stage, str(r.error).splitlines()[0][:160], str(int(r.attempts)), r.created_at]
+        for r in failures.itertuples(index=False)
+    ]
+    return tabulate(
+        rows, headers=["Failed cell", "Stage", "Reason", "Attempts", "Last failed (UTC)"], tablefmt="pipe"
+    )
 
 
 def _summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -226,17 +258,34 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
     out = _ordered(df)[CSV_COLUMNS].copy()
     for name in ("seed", "input_size", "threads", "finetune_epochs"):
         out[name] = out[name].astype("Int64")
-    out.to_csv(path, index=False, float_format="%.10g", lineterminator="\n")
+    write_atomically(
+        path, lambda tmp: out.to_csv(tmp, index=False, float_format="%.10g", lineterminator="\n")
+    )
 
 
-def write_reports(frame: pd.DataFrame, out_dir: Path, suite: str) -> list[Path]:
+def write_reports(
+    frame: pd.DataFrame, out_dir: Path, suite: str, failures: pd.DataFrame | None = None
+) -> list[Path]:
     """Write md, csv (every cell), summary csv (per replicate group), tex and the plots per
     dataset under ``out_dir``; return the paths. ``frame`` is normally ``ResultStore.frame(suite)``.
+    ``failures`` (``ResultStore.failures``): listed in ``failures.md``, which is removed when none
+    are left.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     df = _normalise(frame)
     written: list[Path] = []
+    failed_md = out_dir / "failures.md"
+    listing = render_failures(failures) if failures is not None else ""
+    if listing:
+        note = (
+            f"# {suite} — failed cells\n\nThese cells have no row: each failed at the stage shown. "
+            "A rerun of the suite retries them (`--skip-failed` leaves them).\n\n"
+        )
+        write_text(failed_md, note + listing + "\n")
+        written.append(failed_md)
+    elif failed_md.exists():
+        failed_md.unlink()
     for dataset in sorted(set(df["dataset"])):
         sub = df[df["dataset"] == dataset]
         metric = _metric_column(sub)
@@ -245,20 +294,21 @@ def write_reports(frame: pd.DataFrame, out_dir: Path, suite: str) -> list[Path]:
 
         md = Path(f"{stem}.md")
         lines = _header_lines(sub, suite, dataset, metric) + [_tabulate(headers, rows, "pipe"), ""]
-        md.write_text("\n".join(lines), encoding="utf-8")
+        lines += _health_lines(_summary(sub, metric))
+        write_text(md, "\n".join(lines))
 
         csv = Path(f"{stem}.csv")
         _write_csv(sub, csv)
         summary = _summary(sub, metric)
         summary_csv = Path(f"{stem}_summary.csv")
-        summary.drop(columns=["is_base"]).to_csv(
-            summary_csv, index=False, float_format="%.10g", lineterminator="\n"
+        table = summary.drop(columns=["is_base"])
+        write_atomically(
+            summary_csv, partial(table.to_csv, index=False, float_format="%.10g", lineterminator="\n")
         )
 
         tex = Path(f"{stem}.tex")
         body = _tabulate(headers, rows, "latex_booktabs").replace("↓", r"$\downarrow$").replace("±", r"$\pm$")
-        tex.write_text(f"% {suite} / {dataset}: mAP = {_METRIC_LABEL[metric]} (x100)\n{body}\n",
-                       encoding="utf-8")  # fmt: skip
+        write_text(tex, f"% {suite} / {dataset}: mAP = {_METRIC_LABEL[metric]} (x100)\n{body}\n")
 
         title = f"{suite} / {dataset}"
         pr_png = Path(f"{stem}_map_vs_pr.png")

@@ -5,6 +5,12 @@ already stored. That only works if a row is either fully there or not there at a
 ``put`` is one INSERT inside one transaction (SQLite's journal makes it atomic), the cell id
 is the primary key (no duplicates, even from two processes), and every operation opens its
 own short-lived connection with a busy timeout so parallel executors can share the file.
+
+A cell that fails (a non-finite loss, an exception inside a method, out of memory) gets no row:
+it gets a line in the ``failures`` table instead (its stage and reason), which the reporter lists
+under the tables and which its row, once a rerun finishes the cell, replaces in one transaction.
+A file that is not a readable store (truncated, overwritten) is one ``StoreError``, never opened
+as an empty store.
 """
 
 from __future__ import annotations
@@ -68,6 +74,9 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("speedup_predict_lo", "REAL"),
     ("speedup_predict_hi", "REAL"),
     ("efficiency_core", "REAL"),  # speedup_core / (base GMACs / pruned GMACs)
+    # "ok", or why the training loss looks wrong: the baseline's for a base row, the fine-tuning's
+    # for a pruned one (a finite but diverging regime otherwise yields rows that look like results)
+    ("train_health", "TEXT"),
     ("threads", "INTEGER"),
     ("cpu", "TEXT"),
     ("gpu", "TEXT"),
@@ -98,6 +107,20 @@ class DuplicateCellError(ValueError):
 
 class SchemaMismatchError(RuntimeError):
     """The file was written with another column set; mixing them would corrupt the tables."""
+
+
+class StoreError(ValueError):
+    """The file is not a readable results store: reported in one line, never silently replaced."""
+
+
+FAILURES = "failures"
+FAILURE_COLUMNS: tuple[str, ...] = (
+    "cell_id", "suite", "label", "stage", "error", "detail", "attempts", "created_at",
+)  # fmt: skip
+_FAILURES_SQL = (
+    f"CREATE TABLE IF NOT EXISTS {FAILURES} (cell_id TEXT PRIMARY KEY, suite TEXT NOT NULL, "
+    "label TEXT, stage TEXT, error TEXT, detail TEXT, attempts INTEGER, created_at TEXT)"
+)
 
 
 def _create_sql() -> str:
@@ -158,12 +181,25 @@ class ResultStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.timeout = timeout
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:  # not a database, or a damaged one
+            raise StoreError(
+                f"{self.path}: not a readable results store ({exc}); move it aside and rerun the "
+                "suite to rebuild it (its cells then run again)"
+            ) from None
+
+    def _open(self) -> None:
         with closing(self._connect()) as conn:
+            verdict = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(f"integrity check: {verdict}")
             # WAL is persistent in the file: readers never block the writer and a killed
             # writer's uncommitted transaction is simply discarded on the next open.
             conn.execute("PRAGMA journal_mode=WAL")
             with conn:
                 conn.execute(_create_sql())
+                conn.execute(_FAILURES_SQL)
             found = tuple(r[1] for r in conn.execute(f"PRAGMA table_info({TABLE})"))
             missing = [n for n in COLUMN_NAMES if n not in found]
             extra = sorted(set(found) - set(COLUMN_NAMES))
@@ -201,6 +237,8 @@ class ResultStore:
         try:
             with closing(self._connect()) as conn, conn:
                 conn.execute(sql, tuple(values[n] for n in COLUMN_NAMES))
+                # a finished cell is no longer a failed one, in the same transaction
+                conn.execute(f"DELETE FROM {FAILURES} WHERE cell_id = ?", (values["cell_id"],))
         except sqlite3.IntegrityError as exc:
             if "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc):
                 raise DuplicateCellError(
@@ -208,6 +246,32 @@ class ResultStore:
                     "pass replace=True to overwrite it"
                 ) from exc
             raise
+
+    def fail(self, cell_id: str, suite: str, label: str, stage: str, error: str, detail: str = "") -> int:
+        """Record that a cell failed at ``stage`` with ``error``; returns how often it has failed.
+
+        A cell that already has a row is left alone (another run finished it)."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        with closing(self._connect()) as conn, conn:
+            if conn.execute(f"SELECT 1 FROM {TABLE} WHERE cell_id = ?", (cell_id,)).fetchone():
+                return 0
+            found = conn.execute(f"SELECT attempts FROM {FAILURES} WHERE cell_id = ?", (cell_id,)).fetchone()
+            attempts = (found[0] or 0) + 1 if found else 1
+            conn.execute(
+                f"INSERT OR REPLACE INTO {FAILURES} ({', '.join(FAILURE_COLUMNS)}) "
+                f"VALUES ({', '.join('?' for _ in FAILURE_COLUMNS)})",
+                (cell_id, suite, label, stage, error, detail, attempts, now),
+            )
+        return attempts
+
+    def failures(self, suite: str | None = None) -> pd.DataFrame:
+        """The failed cells (no row yet), oldest first: id, suite, label, stage, error, detail, attempts."""
+        sql = f"SELECT {', '.join(FAILURE_COLUMNS)} FROM {FAILURES}"
+        params: tuple[str, ...] = ()
+        if suite is not None:
+            sql, params = sql + " WHERE suite = ?", (suite,)
+        with closing(self._connect()) as conn:
+            return pd.read_sql_query(sql + " ORDER BY created_at, cell_id", conn, params=params)
 
     def has(self, cell_id: str) -> bool:
         """Whether the cell is finished (its row is stored)."""

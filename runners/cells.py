@@ -1,13 +1,16 @@
 """The cell pipeline (DESIGN.md §3): baseline -> prune a copy -> fine-tune -> measure -> one row.
 
-Nothing is lost to a crash: baselines and pruned models are written atomically, and a cell's row
-is written in one transaction only once the cell has finished, so a killed suite resumes at the
-first unfinished cell.
+Nothing is lost to a crash: baselines and pruned models are written atomically with their
+checksums, and a cell's row is written in one transaction only once the cell has finished, so a
+killed suite resumes at the first unfinished cell. Two runs of one suite share the work: a lock per
+cell and per baseline (``locks.py``). A cell that fails is recorded with its stage and reason
+(``faults.py``) and the suite goes on; a rerun retries it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -28,10 +31,18 @@ from methods import PruneContext, Target, build_method
 from methods.training import train
 from results import DuplicateCellError, ResultStore
 
-from . import measure
+from . import faults, measure
 from .evaluate import evaluate
+from .locks import held, lock_path, remove_stale
 from .prune import prune_and_finetune
-from .suite import Cell, Experiment, Suite, load_suite
+from .suite import Cell, Experiment, Suite, SuiteError, load_suite
+
+BASELINE_STAGES = ("baseline-training", "baseline-step", "baseline-saved")
+
+
+class BaselineFailed(RuntimeError):
+    """A cell's baseline failed earlier in this run: the cell is recorded failed without retraining."""
+
 
 DECODED_IMAGE_BYTES = 1 << 30  # per split and process; a larger set decodes the rest from disk
 
@@ -71,16 +82,26 @@ class Runner:
         work_dir: Path | None = None,
         device: str = "cpu",
         progress: bool = True,
+        retry_failed: bool = True,
     ) -> None:
         self.suite = suite
         self.out_dir = Path(results_dir) / suite.name
         self.work_dir = Path(work_dir) if work_dir else default_work_dir()
         self.device = torch.device(device)
         self.progress = progress
-        self.store = ResultStore(self.out_dir / "results.sqlite")
+        self.retry_failed = retry_failed  # False: leave the cells that failed before (--skip-failed)
+        self._store: ResultStore | None = None
         self._datasets: dict[str, tuple[DetectionDataset, DetectionDataset]] = {}
         self._score_caches: dict[str, dict] = {}  # per baseline: each method scores it once
+        self._failed_baselines: dict[str, faults.Failure] = {}
         self.jobs = 1  # how many cells run side by side: recorded with every row's timings
+
+    @property
+    def store(self) -> ResultStore:
+        """Opened on first use, after the inputs are checked: bad input never creates a store."""
+        if self._store is None:
+            self._store = ResultStore(self.out_dir / "results.sqlite")
+        return self._store
 
     # -- inputs ---------------------------------------------------------------------------------
     def datasets(self, experiment: Experiment) -> tuple[DetectionDataset, DetectionDataset]:
@@ -100,9 +121,27 @@ class Runner:
         return self._datasets[key]
 
     def check_inputs(self) -> None:
-        """Open every dataset before any training, so a missing path fails at once."""
-        for plan in self.suite.experiments:
-            self.datasets(plan.experiment)
+        """Open every dataset and build every detector before any training, so a missing path, a
+        bad annotation, a detector size that does not exist or an input size its strides cannot
+        take fails at once, before the store is created."""
+        for i, plan in enumerate(self.suite.experiments):
+            train_set, _ = self.datasets(plan.experiment)
+            exp = plan.experiment
+            where = f"{self.suite.path}: experiment {i} ({exp.detector}-{exp.size})"
+            try:
+                model = build_detector(
+                    exp.detector, len(train_set.classes), exp.size, plan.input_size, **exp.detector_options
+                )
+            except TypeError as exc:  # an option the builder does not take
+                raise SuiteError(f"{where}: bad detector_options ({exc})") from None
+            except DetectorError as exc:
+                raise SuiteError(f"{where}: {exc}") from None
+            divisor = model.size_divisor
+            if plan.input_size % divisor:
+                raise SuiteError(
+                    f"{where}: input_size {plan.input_size} is not a multiple of {divisor}, "
+                    f"{exp.detector}'s largest backbone stride (try {_round_up(plan.input_size, divisor)})"
+                )
 
     def _build(self, cell: Cell, num_classes: int) -> Detector:
         torch.manual_seed(cell.seed)
@@ -113,13 +152,25 @@ class Runner:
 
     def baseline(self, cell: Cell) -> tuple[Detector, Path, dict[str, Any]]:
         """The trained baseline of ``cell`` and its meta: from the cache, or trained once and cached."""
+        if cell.baseline_key in self._failed_baselines:
+            raise BaselineFailed(f"its baseline failed: {self._failed_baselines[cell.baseline_key].error}")
         path = self.work_dir / "baselines" / f"{cell.baseline_key}.pt"
+        lock = lock_path(self.work_dir, "baseline", cell.baseline_key)
+        with held(lock, wait=False) as free:
+            if free:
+                return self._cached_or_trained(cell, path)
+        print(f"detprune: waiting for another run to train the baseline of {cell.label}", file=sys.stderr)
+        with held(lock):  # trained once, however many runs need it
+            return self._cached_or_trained(cell, path)
+
+    def _cached_or_trained(self, cell: Cell, path: Path) -> tuple[Detector, Path, dict[str, Any]]:
         if path.is_file():
-            try:
-                model, meta = load_checkpoint(path)
+            try:  # the cache is ours: a file without its checksum, or one that fails it, is retrained
+                model, meta = load_checkpoint(path, require_checksum=True)
                 return model.to(self.device), path, meta
-            except DetectorError as exc:  # the cache is ours: one this code cannot load is retrained
+            except DetectorError as exc:
                 print(f"detprune: cached baseline unusable, training it again: {exc}", file=sys.stderr)
+        faults.reached("baseline-training")
         train_set, _ = self.datasets(cell.experiment)
         model = self._build(cell, len(train_set.classes)).to(self.device)
         extra, method = None, None
@@ -132,7 +183,7 @@ class Runner:
             cell.train,
             seed=cell.seed,
             extra_loss=extra,
-            hooks=method.regime_hooks() if method is not None else (),
+            hooks=(*(method.regime_hooks() if method is not None else ()), faults.StageHook("baseline-step")),
             desc=f"baseline {cell.experiment.detector}/{cell.experiment.dataset}",
             progress=self.progress,
         )
@@ -140,8 +191,10 @@ class Runner:
             "train_seconds": stats["seconds"],
             "baseline_key": cell.baseline_key,
             "regime_stats": method.stats() if method is not None else {},
+            "health": stats["health"],
         }
         save_checkpoint(model, path, meta)
+        faults.reached("baseline-saved")
         return model, path, meta
 
     # -- one cell -------------------------------------------------------------------------------
@@ -149,9 +202,11 @@ class Runner:
         self, model: Detector, cell: Cell, val_set: DetectionDataset, base: Detector | None = None
     ) -> dict[str, Any]:
         """mAP, size, and latency: alone for a base row, paired against ``base`` for a pruned one."""
+        faults.reached("evaluation")
         start = time.perf_counter()
         metrics = evaluate(model, val_set, cell.evaluate["batch_size"], self.progress)
         eval_seconds = time.perf_counter() - start
+        faults.reached("timing")
         image, rounds = val_set[0][0], (cell.measure["warmup"], cell.measure["rounds"])
         size = measure.size(model)
         if base is None:
@@ -204,6 +259,7 @@ class Runner:
             "baseline_path": _relative(path),
             "model_path": _relative(path),
             "report": json.dumps({"regime_stats": meta.get("regime_stats", {})}, sort_keys=True),
+            "train_health": _health(meta.get("health")),
         }
         return self._row(cell, values)
 
@@ -225,6 +281,7 @@ class Runner:
             eval_batch_size=cell.evaluate["batch_size"],
         )
         report, stats, oneshot = pruned.report, pruned.finetune, pruned.oneshot or {}
+        faults.reached("saving")
         path = save_checkpoint(
             model, self.work_dir / "models" / cell.suite / f"{cell.cell_id}.pt", {"cell": cell.label}
         )
@@ -244,20 +301,60 @@ class Runner:
             "baseline_path": _relative(base_path),
             "model_path": _relative(path),
             "report": json.dumps(report.to_dict(), sort_keys=True, default=str),
+            "train_health": _health(base_meta.get("health"), stats.get("health")),
         }
         return self._row(cell, values)
 
     # -- the grid -------------------------------------------------------------------------------
-    def run_cell(self, cell: Cell) -> bool:
-        """Run one cell and store its row; False when another process finished it first."""
+    def run_cell(self, cell: Cell, wait: bool = False) -> str:
+        """Run one cell and store its row. Returns ``"ran"``; ``"done"`` when the store already
+        holds it (another run finished it first); ``"held"`` when another run is on it and
+        ``wait`` is false; ``"failed"`` when it failed, recorded with its stage and reason."""
         if self.store.has(cell.cell_id):
-            return False
-        row = self.run_base(cell) if cell.method == "base" else self.run_pruned(cell)
-        try:
-            self.store.put(row)
-        except DuplicateCellError:
-            return False  # a concurrent run (e.g. a killed run's worker) stored it meanwhile
-        return True
+            return "done"
+        with held(lock_path(self.work_dir, "cell", cell.cell_id), wait=wait) as mine:
+            if not mine:
+                return "held"
+            if self.store.has(cell.cell_id):
+                return "done"
+            try:
+                faults.reached("starting")
+                row = self.run_base(cell) if cell.method == "base" else self.run_pruned(cell)
+            except faults.INPUT_ERRORS:
+                raise  # the data is bad for every cell: the run stops with one line
+            except Exception as exc:  # noqa: BLE001 - a cell's failure must not stop the suite
+                self._record_failure(cell, exc)
+                return "failed"
+            faults.reached("store")
+            try:
+                self.store.put(row)
+            except DuplicateCellError:
+                return "done"  # a concurrent run (e.g. a killed run's worker) stored it meanwhile
+        return "ran"
+
+    def _record_failure(self, cell: Cell, exc: Exception) -> None:
+        stage = "baseline-training" if isinstance(exc, BaselineFailed) else faults.current()
+        failure = faults.Failure.of(exc, stage)
+        if stage in BASELINE_STAGES:  # the cells that need this baseline fail at once, untrained
+            self._failed_baselines.setdefault(cell.baseline_key, failure)
+        attempts = self.store.fail(
+            cell.cell_id, cell.suite, cell.label, failure.stage, failure.error, failure.detail
+        )
+        print(
+            f"detprune: cell {cell.label} failed at {failure.stage} ({failure.error}); "
+            f"recorded (attempt {attempts}), the suite goes on",
+            file=sys.stderr,
+        )
+        gc.collect()  # what the failed cell held (an out-of-memory cell's activations)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def pending(self, cells: list[Cell]) -> list[Cell]:
+        """The cells without a row; without ``retry_failed``, also without a recorded failure."""
+        done = self.store.finished_ids()
+        if not self.retry_failed:
+            done |= set(self.store.failures()["cell_id"])
+        return [c for c in cells if c.cell_id not in done]
 
     def run(self, jobs: int = 1) -> dict[str, int]:
         """Base cells first (every baseline trained once), then the pruned cells.
@@ -265,12 +362,14 @@ class Runner:
         With ``jobs > 1`` cells run in that many worker processes, each on its share of the
         CPU threads; a worker writes each row itself as its cell finishes. Pruned cells go to
         workers in chunks of one (baseline, method), so each method scores a baseline once.
+        Cells another run holds are skipped, then waited for at the end.
         """
         self.check_inputs()
+        for folder in (self.work_dir, self.out_dir):  # a killed run's half-written files
+            remove_stale(folder)
         self.jobs = jobs
         cells = self.suite.cells()
-        done = self.store.finished_ids()
-        todo = [c for c in cells if c.cell_id not in done]
+        todo = self.pending(cells)
         bar = tqdm(
             total=len(cells),
             initial=len(cells) - len(todo),
@@ -279,11 +378,12 @@ class Runner:
             dynamic_ncols=True,
         )
         phases = [[c for c in todo if c.method == "base"], [c for c in todo if c.method != "base"]]
+        status: dict[str, str] = {}
         if jobs <= 1:
             for cell in todo:
                 bar.set_postfix_str(cell.label)
-                self.run_cell(cell)
-                bar.update()
+                status[cell.cell_id] = self.run_cell(cell)
+                bar.update(status[cell.cell_id] != "held")
         else:
             threads = max(1, torch.get_num_threads() // jobs)
             spec = (
@@ -303,9 +403,36 @@ class Runner:
                         chunks.setdefault((cell.baseline_key, cell.method), []).append(cell.cell_id)
                     futures = [pool.submit(_run_chunk, ids) for ids in chunks.values()]
                     for future in as_completed(futures):
-                        bar.update(future.result())
+                        done = future.result()
+                        status |= done
+                        bar.update(sum(s != "held" for s in done.values()))
+        by_id = {c.cell_id: c for c in todo}
+        for cell_id in [i for i, s in status.items() if s == "held"]:  # another run had them
+            bar.set_postfix_str(f"waiting for {by_id[cell_id].label}")
+            status[cell_id] = self.run_cell(by_id[cell_id], wait=True)
+            bar.update()
         bar.close()
-        return {"cells": len(cells), "ran": len(todo), "skipped": len(cells) - len(todo)}
+        counts = {k: sum(s == k for s in status.values()) for k in ("ran", "failed", "done")}
+        return {
+            "cells": len(cells),
+            "ran": counts["ran"],
+            "failed": counts["failed"],
+            "skipped": len(cells) - len(todo) + counts["done"],
+        }
+
+
+def _health(baseline: str | None, finetune: str | None = None) -> str | None:
+    """A row's training health: "ok", or what was wrong with its baseline's or fine-tuning's loss."""
+    problems = [
+        f"{what}: {h}" for what, h in (("baseline", baseline), ("fine-tuning", finetune)) if h and h != "ok"
+    ]
+    if problems:
+        return "; ".join(problems)
+    return "ok" if baseline or finetune else None
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return max(multiple, -(-value // multiple) * multiple)
 
 
 _WORKER: Runner | None = None
@@ -320,8 +447,6 @@ def _init_worker(spec: tuple[str, str, str, str, int, dict[str, Any]], threads: 
     _WORKER.jobs = jobs
 
 
-def _run_chunk(cell_ids: list[str]) -> int:
+def _run_chunk(cell_ids: list[str]) -> dict[str, str]:
     cells = {c.cell_id: c for c in _WORKER.suite.cells()}
-    for cell_id in cell_ids:
-        _WORKER.run_cell(cells[cell_id])
-    return len(cell_ids)
+    return {cell_id: _WORKER.run_cell(cells[cell_id]) for cell_id in cell_ids}

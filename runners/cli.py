@@ -9,12 +9,30 @@ import tomllib
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from datasets import DATASETS, DatasetError, build_dataset
-from detectors import DetectorError, build_detector, detector_names, load_checkpoint, save_checkpoint
+from detectors import (
+    ChecksumError,
+    Detector,
+    DetectorError,
+    build_detector,
+    detector_names,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from methods import PRUNE_DEFAULTS, MethodError, Target, build_method, method_names
 from methods.training import Schedule
-from results import ResultStore, compare, reference_store, render_table, write_reports
+from results import (
+    ResultStore,
+    StoreError,
+    compare,
+    reference_store,
+    render_failures,
+    render_table,
+    write_reports,
+)
 
 from . import measure
 from .cells import Runner
@@ -22,7 +40,7 @@ from .evaluate import evaluate
 from .prune import prune_and_finetune
 from .suite import SuiteError, load_suite, parse_override, suite_names
 
-USER_ERRORS = (DatasetError, DetectorError, MethodError, SuiteError, FileNotFoundError)
+USER_ERRORS = (DatasetError, DetectorError, MethodError, SuiteError, StoreError, FileNotFoundError)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -37,21 +55,53 @@ def _report(suite_arg: str, results_dir: Path, overrides: dict) -> list[Path]:
     if not store_path.is_file():
         raise SuiteError(f"no results for suite '{suite.name}' at {store_path}; run it first")
     # a cell is its id (what determines it), whichever suite ran it: smoke-seeds reuses smoke's seed 0
-    frame = ResultStore(store_path).frame()
-    frame = frame[frame["cell_id"].isin({c.cell_id for c in suite.cells()})]
-    paths = write_reports(frame, out_dir, suite.name)
+    store = ResultStore(store_path)
+    ids = {c.cell_id for c in suite.cells()}
+    frame = store.frame()
+    frame = frame[frame["cell_id"].isin(ids)]
+    failures = store.failures()
+    failures = failures[failures["cell_id"].isin(ids)]
+    paths = write_reports(frame, out_dir, suite.name, failures)
     for dataset in sorted(frame["dataset"].unique()):
         print(f"\n## {suite.name} / {dataset}\n")
         print(render_table(frame[frame["dataset"] == dataset]))
+    if not failures.empty:
+        print(f"\n## {suite.name}: {len(failures)} failed cells (no row; a rerun retries them)\n")
+        print(render_failures(failures))
     return paths
+
+
+def _device(name: str) -> str:
+    """A device torch knows and this machine has, or one line saying which it lacks."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SuiteError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SuiteError(f"--device {name}: this machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SuiteError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return name
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, _overrides(args))
-    runner = Runner(suite, args.results_dir, args.work_dir, args.device, progress=not args.no_progress)
-    counts = runner.run(jobs=args.jobs or suite.jobs)
+    jobs = args.jobs if args.jobs is not None else suite.jobs
+    if jobs < 1:
+        raise SuiteError(f"--jobs {jobs}: needs at least 1 worker")
+    runner = Runner(
+        suite,
+        args.results_dir,
+        args.work_dir,
+        _device(args.device),
+        progress=not args.no_progress,
+        retry_failed=not args.skip_failed,
+    )
+    counts = runner.run(jobs=jobs)
+    failed = f", {counts['failed']} failed" if counts["failed"] else ""
     print(
-        f"suite {suite.name}: {counts['cells']} cells, {counts['ran']} run, {counts['skipped']} already done"
+        f"suite {suite.name}: {counts['cells']} cells, {counts['ran']} run{failed}, "
+        f"{counts['skipped']} already done"
     )
     paths = _report(args.suite, args.results_dir, suite.overrides)
     out_dir = Path(args.results_dir) / suite.name
@@ -62,6 +112,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         here = ResultStore(out_dir).frame()
         print(compare(here[here["cell_id"].isin(ids)], ResultStore(reference).frame()))
     print(f"\ntables and plots of this run: {out_dir}/ ({len(paths)} files)")
+    if counts["failed"]:
+        print(
+            f"detprune: {counts['failed']} cells failed, listed in {out_dir / 'failures.md'}; "
+            "rerun to retry them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -93,6 +150,28 @@ def parse_options(pairs: list[str]) -> dict[str, object]:
     return options
 
 
+def _load_model(checkpoint: Path, args: argparse.Namespace, num_classes: int) -> Detector:
+    """A detprune checkpoint, or a plain ``state_dict`` of the named ``--detector`` (trained
+    elsewhere); one that does not fit is one line naming the first layer that does not."""
+    try:
+        return load_checkpoint(checkpoint)[0]
+    except ChecksumError:
+        raise
+    except DetectorError:
+        if not args.detector:
+            raise DetectorError(f"{checkpoint} is not a detprune checkpoint: name its --detector") from None
+    model = build_detector(args.detector, num_classes, args.size, args.input_size)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever torch says of a file that is no state_dict
+        raise DetectorError(f"{checkpoint}: not a PyTorch weights file ({type(exc).__name__})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict):
+        raise DetectorError(f"{checkpoint}: holds a {type(state).__name__}, not a state_dict")
+    load_weights(model, state, checkpoint)
+    return model
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     target = Target.parse(args.target)
     method = build_method(args.method, **parse_options(args.option))
@@ -100,18 +179,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    try:
-        model, _ = load_checkpoint(checkpoint)
-    except DetectorError:
-        # a plain state_dict of an unpruned detector trained elsewhere
-        if not args.detector:
-            raise DetectorError(f"{checkpoint} is not a detprune checkpoint: name its --detector") from None
-        model = build_detector(args.detector, len(train_set.classes), args.size, args.input_size)
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+    model = _load_model(checkpoint, args, len(train_set.classes))
     if args.detector and model.spec["name"] != args.detector:
         raise DetectorError(f"{checkpoint} holds a '{model.spec['name']}' detector, not '{args.detector}'")
-    model.to(torch.device(args.device)).eval()
+    if model.spec["num_classes"] != len(train_set.classes):
+        raise DetectorError(
+            f"{checkpoint} predicts {model.spec['num_classes']} classes; {args.data} has "
+            f"{len(train_set.classes)} ({', '.join(train_set.classes[:5])}...)"
+        )
+    model.to(torch.device(_device(args.device))).eval()
     original = copy.deepcopy(model)
     val_set = build_dataset(args.data, "val", root=args.data_root)
     knobs = ("round_to", "max_layer_ratio", "tolerance", "calibration_images")
@@ -177,6 +253,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--jobs", type=int, default=None, help="worker processes (default: the suite's `jobs`)")
+    run.add_argument(
+        "--skip-failed",
+        action="store_true",
+        help="leave the cells that failed before (by default a rerun retries them)",
+    )
     run.set_defaults(fn=cmd_run)
 
     rep = sub.add_parser("report", help="regenerate a suite's tables and plots from its store")
@@ -220,11 +301,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except USER_ERRORS as exc:
-        print(f"detprune: error: {exc}", file=sys.stderr)
+        _close_bars()
+        message = " ".join(str(exc).split())  # one line, whatever the exception's text held
+        print(f"detprune: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("detprune: interrupted; finished cells are kept, rerun to resume", file=sys.stderr)
         return 130
+
+
+def _close_bars() -> None:
+    """Close what progress bars are open, so an error starts its own line, not a bar's remains."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":

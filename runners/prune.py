@@ -10,6 +10,7 @@ from detectors.base import Detector
 from methods import PRUNE_DEFAULTS, Method, PruneContext, PruneReport, Target
 from methods.training import Schedule, train
 
+from . import faults
 from .evaluate import evaluate
 
 
@@ -26,7 +27,7 @@ def calibration_batches(dataset: DetectionDataset, images: int, batch_size: int 
 @dataclass
 class Pruned:
     report: PruneReport
-    finetune: dict[str, float]
+    finetune: dict[str, Any]  # the loop's stats: loss, seconds, health
     context: PruneContext
     oneshot: dict[str, float] | None  # mAP right after pruning, before fine-tuning
 
@@ -62,17 +63,20 @@ def prune_and_finetune(
         schedule=finetune,
         score_cache=score_cache,
     )
+    faults.reached("scoring")
     report = method.prune(model, ctx, target)
+    faults.reached("one-shot-evaluation")
     oneshot = evaluate(model, val_set, eval_batch_size, progress) if val_set is not None else None
-    stats = {"loss": float("nan"), "seconds": 0.0}
+    stats: dict[str, Any] = {"loss": float("nan"), "seconds": 0.0, "health": None}
     if finetune.epochs > 0:
+        faults.reached("fine-tuning")
         stats = train(
             model,
             train_set,
             finetune,
             seed=seed,
             extra_loss=method.loss_hook(ctx),
-            hooks=method.regime_hooks(),
+            hooks=(*method.regime_hooks(), faults.StageHook("finetune-step")),
             desc=desc,
             progress=progress,
         )

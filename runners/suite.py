@@ -8,8 +8,10 @@ Each (experiment, seed, regime) also yields one ``base`` cell: the unpruned base
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,39 @@ EXPERIMENT_KEYS = {
 
 class SuiteError(ValueError):
     """A suite that cannot run, reported as one line naming the file."""
+
+
+def _unknown(found: set[str] | list[str], known: set[str] | list[str], where: str) -> None:
+    """A SuiteError naming the first unknown key and the nearest known one (``epoch`` -> ``epochs``)."""
+    unknown = sorted(set(found) - set(known))
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise SuiteError(
+            f"{where}: unknown key(s) {', '.join(unknown)}{hint}; known: {', '.join(sorted(known))}"
+        )
+
+
+def _whole(value: Any, where: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise SuiteError(f"{where} must be a whole number of at least {least}, not {value!r}")
+    return value
+
+
+# the knobs' types and ranges, checked before a cell runs
+_PRUNE_CHECKS = {
+    "round_to": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "max_layer_ratio": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1,
+    "tolerance": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1,
+    "calibration_images": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+}
+_PRUNE_NEEDS = {
+    "round_to": "a whole number >= 1",
+    "max_layer_ratio": "a number in (0, 1]",
+    "tolerance": "a number in (0, 1)",
+    "calibration_images": "a whole number >= 1",
+}
+_LEAST = {"warmup": 0, "rounds": 1, "batch_size": 1}  # [measure] and [evaluate]
 
 
 def _hash(payload: Any) -> str:
@@ -208,6 +243,12 @@ def _regimes(built: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str
     return regimes, labels
 
 
+def _names(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SuiteError(f"{where} must be a list of names, not {value!r}")
+    return list(value)
+
+
 def suite_names() -> list[str]:
     return sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
 
@@ -219,26 +260,58 @@ def resolve_suite_path(name_or_path: str | Path) -> Path:
     packaged = SUITES_DIR / f"{name_or_path}.toml"
     if packaged.is_file():
         return packaged
-    raise SuiteError(f"unknown suite '{name_or_path}': not a file, and not one of {', '.join(suite_names())}")
+    near = difflib.get_close_matches(str(name_or_path), suite_names(), n=1)
+    hint = f" (did you mean '{near[0]}'?)" if near else ""
+    raise SuiteError(
+        f"unknown suite '{name_or_path}'{hint}: not a file, and not one of {', '.join(suite_names())}"
+    )
 
 
 def _table(raw: dict[str, Any], key: str, defaults: dict[str, Any], where: Path) -> dict[str, Any]:
-    values = dict(raw.get(key, {}))
-    unknown = set(values) - set(defaults)
-    if unknown:
-        raise SuiteError(f"{where}: unknown [{key}] key(s): {', '.join(sorted(unknown))}")
+    values = raw.get(key, {})
+    if not isinstance(values, dict):
+        raise SuiteError(f"{where}: [{key}] must be a table, not {values!r}")
+    _unknown(set(values), set(defaults), f"{where}: [{key}]")
+    for name, value in values.items():
+        if key == "prune" and not _PRUNE_CHECKS[name](value):
+            raise SuiteError(f"{where}: [prune] {name} must be {_PRUNE_NEEDS[name]}, not {value!r}")
+        if key in ("measure", "evaluate"):
+            _whole(value, f"{where}: [{key}] {name}", _LEAST[name])
     return {**defaults, **values}
 
 
+_BARE_WORD = re.compile(r"^[A-Za-z_][\w.:+-]*$")  # adamw, fcos, params:0.3: text without quotes
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with a dotted KEY (``train.epochs=2``); VALUE is read as TOML, else a string."""
+    """``KEY=VALUE`` with a dotted KEY (``train.epochs=2``) naming a suite key; VALUE is a TOML
+    literal (``2``, ``[0, 1, 2]``, ``"text"``) or a bare word taken as text (``adamw``)."""
     key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise SuiteError(f"bad override '{text}': expected KEY=VALUE, e.g. train.epochs=2")
+    key = key.strip()
+    if not sep or not key:
+        raise SuiteError(f"bad --set '{text}': expected KEY=VALUE, e.g. train.epochs=2")
+    path = key.split(".")
+    where = f"bad --set '{text}'"
+    _unknown({path[0]}, SUITE_KEYS - {"experiments"}, where)
+    tables = {"train": Schedule.__dataclass_fields__, "finetune": Schedule.__dataclass_fields__}
+    tables |= {"prune": PRUNE_DEFAULTS, "measure": MEASURE_DEFAULTS, "evaluate": EVALUATE_DEFAULTS}
+    if path[0] in tables:
+        if len(path) != 2:
+            raise SuiteError(
+                f"{where}: name one [{path[0]}] key, e.g. {path[0]}.{next(iter(tables[path[0]]))}"
+            )
+        _unknown({path[1]}, set(tables[path[0]]), f"{where}: [{path[0]}]")
+    elif path[0] == "method_options":
+        if len(path) != 3:
+            raise SuiteError(f"{where}: expected method_options.METHOD.OPTION")
+    elif len(path) != 1:
+        raise SuiteError(f"{where}: '{path[0]}' is not a table")
     try:
-        return key.strip(), tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
-        return key.strip(), value
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        if _BARE_WORD.match(value.strip()):
+            return key, value.strip()
+        raise SuiteError(f'{where}: the value is not TOML ({exc}); quote text as "..."') from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -279,28 +352,33 @@ def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(f"{path}: not valid TOML ({exc})") from None
     raw = apply_overrides(raw, overrides or {})
-    unknown = set(raw) - SUITE_KEYS
-    if unknown:
-        raise SuiteError(f"{path}: unknown key(s): {', '.join(sorted(unknown))}")
-    train = _schedule(raw.get("train", {}), str(path))
-    finetune = _schedule(raw.get("finetune", {}), str(path))
+    _unknown(set(raw), SUITE_KEYS, str(path))
+    train = _schedule(raw.get("train", {}), f"{path}: [train]")
+    finetune = _schedule(raw.get("finetune", {}), f"{path}: [finetune]")
     method_options = dict(raw.get("method_options", {}))
+    try:
+        for m, options in method_options.items():  # every entry, also one no experiment uses
+            if not isinstance(options, dict):
+                raise SuiteError(f"{path}: [method_options.{m}] must be a table, not {options!r}")
+            build_method(m, **options)
+    except MethodError as exc:
+        raise SuiteError(f"{path}: [method_options]: {exc}") from None
     experiments = []
-    for i, entry in enumerate(raw.get("experiments", [])):
-        bad = set(entry) - EXPERIMENT_KEYS
-        if bad:
-            raise SuiteError(f"{path}: experiment {i}: unknown key(s): {', '.join(sorted(bad))}")
+    entries = raw.get("experiments", [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise SuiteError(f"{path}: experiments must be [[experiments]] tables")
+    for i, entry in enumerate(entries):
+        _unknown(set(entry), EXPERIMENT_KEYS, f"{path}: experiment {i}")
         for key in ("detector", "dataset"):
             if key not in entry:
                 raise SuiteError(f"{path}: experiment {i} names no {key}")
-        if entry["detector"] not in detector_names():
-            raise SuiteError(
-                f"{path}: unknown detector '{entry['detector']}'; known: {', '.join(detector_names())}"
-            )
-        if entry["dataset"] not in DATASETS:
-            raise SuiteError(f"{path}: unknown dataset '{entry['dataset']}'; known: {', '.join(DATASETS)}")
-        methods = list(entry.get("methods", raw.get("methods", [])))
-        targets = list(entry.get("targets", raw.get("targets", [])))
+        for key, known in (("detector", detector_names()), ("dataset", list(DATASETS))):
+            if entry[key] not in known:
+                near = difflib.get_close_matches(str(entry[key]), known, n=1)
+                hint = f" (did you mean '{near[0]}'?)" if near else ""
+                raise SuiteError(f"{path}: unknown {key} '{entry[key]}'{hint}; known: {', '.join(known)}")
+        methods = _names(entry.get("methods", raw.get("methods", [])), f"{path}: experiment {i}: methods")
+        targets = _names(entry.get("targets", raw.get("targets", [])), f"{path}: experiment {i}: targets")
         try:
             for m in methods:
                 build_method(m, **method_options.get(m, {}))
@@ -318,23 +396,34 @@ def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None
         plan_finetune = _schedule(
             {**finetune.to_dict(), **entry.get("finetune", {})}, f"{path}: experiment {i}"
         )
-        input_size = int(entry.get("input_size", raw.get("input_size", 128)))
+        for key in ("data", "detector_options", "train", "finetune"):
+            if not isinstance(entry.get(key, {}), dict):
+                raise SuiteError(f"{path}: experiment {i}: {key} must be a table, not {entry[key]!r}")
+        input_size = _whole(
+            entry.get("input_size", raw.get("input_size", 128)), f"{path}: experiment {i}: input_size", 1
+        )
         experiments.append(Plan(experiment, methods, targets, plan_train, plan_finetune, input_size))
     if not experiments:
         raise SuiteError(f"{path}: no [[experiments]]")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds:
+        raise SuiteError(f"{path}: seeds must be a non-empty list of whole numbers, not {seeds!r}")
+    seeds = [_whole(seed, f"{path}: seeds: {seed!r}", 0) for seed in seeds]
+    if len(set(seeds)) != len(seeds):
+        raise SuiteError(f"{path}: seeds {seeds} repeat a seed (a replicate is one seed)")
     return Suite(
         name=raw.get("name", path.stem),
         path=path,
         raw=raw,
         experiments=experiments,
-        seeds=[int(s) for s in raw.get("seeds", [0])],
-        input_size=int(raw.get("input_size", 128)),
+        seeds=seeds,
+        input_size=_whole(raw.get("input_size", 128), f"{path}: input_size", 1),
         train=train,
         finetune=finetune,
         prune=_table(raw, "prune", PRUNE_DEFAULTS, path),
         measure=_table(raw, "measure", MEASURE_DEFAULTS, path),
         evaluate=_table(raw, "evaluate", EVALUATE_DEFAULTS, path),
         method_options=method_options,
-        jobs=int(raw.get("jobs", 1)),
+        jobs=_whole(raw.get("jobs", 1), f"{path}: jobs", 1),
         overrides=dict(overrides or {}),
     )

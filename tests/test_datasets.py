@@ -121,14 +121,29 @@ def test_coco_unknown_category(tmp_path):
     assert_one_line(exc, "instances.json", "99")
 
 
-def test_coco_undecodable_image_fails_when_read(tmp_path):
+def test_coco_undecodable_image_fails_before_training_or_when_read(tmp_path):
     images, ann = coco_layout(tmp_path)
+    good = (images / "b.png").read_bytes()
     (images / "b.png").write_bytes(b"this is not a png")
-    ds = CocoDetection(images, ann)  # construction reads no pixels
+    with pytest.raises(DatasetError) as exc:  # the header read at construction finds it
+        CocoDetection(images, ann)
+    assert_one_line(exc, "b.png", "cannot decode")
+    (images / "b.png").write_bytes(good[: good.index(b"IDAT") + 6])  # a whole header, pixels cut short
+    ds = CocoDetection(images, ann)  # construction decodes no pixels
     ds[0]
     with pytest.raises(DatasetError) as exc:
         ds[1]
     assert_one_line(exc, "b.png", "cannot decode")
+
+
+def test_coco_negative_box_is_an_error(tmp_path):
+    images, ann = coco_layout(tmp_path)
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["bbox"][2] = -3.0
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DatasetError) as exc:
+        CocoDetection(images, ann)
+    assert_one_line(exc, "instances.json", "negative width")
 
 
 # ---------------------------------------------------------------------------------------------- KITTI

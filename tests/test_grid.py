@@ -61,25 +61,29 @@ def test_grid_runs_and_resumes(tiny_suite: Path, tmp_path: Path, monkeypatch) ->
     assert [c.method for c in suite.cells()] == ["base", "l1", "random"]
     work, results = tmp_path / "work", tmp_path / "results"
 
-    # a crash in the second pruned cell keeps the finished cells and writes no partial row
+    # a crash in the second pruned cell is recorded as failed, writes no row, and the suite goes on
     calls = {"n": 0}
     original = Runner.run_pruned
 
     def flaky(self, cell):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 1:
             raise RuntimeError("simulated crash")
         return original(self, cell)
 
     monkeypatch.setattr(Runner, "run_pruned", flaky)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        Runner(suite, results, work, progress=False).run()
+    counts = Runner(suite, results, work, progress=False).run()
+    assert counts == {"cells": 3, "ran": 2, "failed": 1, "skipped": 0}
     store = ResultStore(results / "tiny" / "results.sqlite")
     assert len(store.finished_ids()) == 2
+    failed = store.failures()
+    assert len(failed) == 1 and failed["error"][0] == "RuntimeError: simulated crash"
+    assert failed["stage"][0] == "starting" and failed["attempts"][0] == 1
 
-    counts = Runner(suite, results, work, progress=False).run()
-    assert counts == {"cells": 3, "ran": 1, "skipped": 2}
-    assert calls["n"] == 3  # only the unfinished cell ran again
+    counts = Runner(suite, results, work, progress=False).run()  # a rerun retries the failed cell
+    assert counts == {"cells": 3, "ran": 1, "failed": 0, "skipped": 2}
+    assert calls["n"] == 3  # only the failed cell ran again
+    assert store.failures().empty  # its row replaced its failure
 
     frame = store.frame("tiny")
     assert sorted(frame["method"]) == ["base", "l1", "random"]
@@ -95,7 +99,7 @@ def test_grid_runs_and_resumes(tiny_suite: Path, tmp_path: Path, monkeypatch) ->
 def test_parallel_jobs_write_every_row_once(tiny_suite: Path, tmp_path: Path) -> None:
     suite = load_suite(tiny_suite)
     counts = Runner(suite, tmp_path / "results", tmp_path / "work", progress=False).run(jobs=2)
-    assert counts == {"cells": 3, "ran": 3, "skipped": 0}
+    assert counts == {"cells": 3, "ran": 3, "failed": 0, "skipped": 0}
     frame = ResultStore(tmp_path / "results" / "tiny" / "results.sqlite").frame("tiny")
     assert sorted(frame["method"]) == ["base", "l1", "random"]
     assert all('"jobs": 2' in env for env in frame["env"])

@@ -1,0 +1,175 @@
+"""Checkpoints that survive pruning, and that say when they are damaged or do not fit.
+
+A structurally pruned model has the unpruned module tree with narrower layers, so a checkpoint
+stores the build spec plus every layer's width; loading builds the spec, narrows the layers,
+then loads the weights. Only tensors and plain values are saved (``weights_only`` loading).
+
+Each checkpoint is written through a temporary file unique to its writer and renamed into place,
+with its SHA-256 beside it (``<file>.sha256``). Loading compares the two, so a truncated or
+overwritten file is a ``ChecksumError``, never a model with silently wrong weights.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import Detector, DetectorError, build_detector, detector_names, layer_widths
+
+
+class ChecksumError(DetectorError):
+    """The file is not the one detprune wrote (truncated, overwritten, or its checksum is missing)."""
+
+
+def checksum_path(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def verify(path: Path, required: bool = False) -> None:
+    """Compare ``path`` with its recorded checksum; ``required``: a missing record is an error too."""
+    path = Path(path)
+    record = checksum_path(path)
+    if not record.is_file():
+        if required:
+            raise ChecksumError(f"{path}: no checksum recorded beside it (an older or interrupted write)")
+        return
+    expected = record.read_text().split()[0] if record.read_text().strip() else ""
+    if sha256(path) != expected:
+        raise ChecksumError(
+            f"{path}: checksum mismatch, the file changed after it was written (truncated or overwritten)"
+        )
+
+
+def _narrow(model: nn.Module, widths: dict[str, dict[str, int]], state: dict[str, Tensor]) -> None:
+    """Give every layer the width and tensor shapes recorded in ``widths``/``state``."""
+    for name, module in model.named_modules():
+        if name not in widths:
+            continue
+        for attr, value in widths[name].items():
+            setattr(module, attr, value)
+        prefix = f"{name}." if name else ""
+        for pname, param in list(module.named_parameters(recurse=False)):
+            shape = state[prefix + pname].shape
+            setattr(module, pname, nn.Parameter(torch.empty(shape, dtype=param.dtype)))
+        for bname, buf in list(module.named_buffers(recurse=False)):
+            key = prefix + bname
+            if buf is not None and key in state:
+                module.register_buffer(bname, torch.empty_like(state[key]))
+
+
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def save_checkpoint(model: Detector, path: Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write atomically, then record the checksum: a killed run never leaves a truncated
+    checkpoint under the real name, and two runs never write the same temporary name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "spec": model.spec,
+        "widths": layer_widths(model),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": meta or {},
+    }
+    tmp, record = _temporary(path), _temporary(checksum_path(path))
+    try:
+        torch.save(payload, tmp)
+        record.write_text(f"{sha256(tmp)}  {path.name}\n")
+        tmp.replace(path)  # a kill between the two renames leaves a file its record does not match:
+        record.replace(checksum_path(path))  # a cache then rebuilds it, a user is told
+    finally:
+        tmp.unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu", require_checksum: bool = False
+) -> tuple[Detector, dict[str, Any]]:
+    """The model and meta of a detprune checkpoint, checked against its recorded checksum
+    (``require_checksum``: a file without one is refused, as a cache must)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DetectorError(f"checkpoint not found: {path}")
+    verify(path, required=require_checksum)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+        spec = dict(payload["spec"])
+    except Exception as exc:  # a foreign or truncated file: say which, not where torch failed
+        raise DetectorError(f"not a detprune checkpoint: {path} ({exc.__class__.__name__})") from exc
+    name = spec.pop("name")
+    model = build_detector(name, **spec)
+    _narrow(model, payload["widths"], payload["state_dict"])
+    model.load_state_dict(payload["state_dict"])
+    return model, payload.get("meta", {})
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(map(str, t.shape)) + "]"
+
+
+def _likeliest(state: dict[str, Tensor], spec: dict[str, Any]) -> str | None:
+    """The registered detector whose layer names the file matches best (on the error path only)."""
+    best, score = None, 0.0
+    for name in detector_names():
+        try:
+            keys = set(
+                build_detector(name, spec["num_classes"], spec["size"], spec["input_size"]).state_dict()
+            )
+        except (DetectorError, TypeError, ValueError, KeyError):
+            continue
+        overlap = len(keys & set(state)) / max(1, len(set(state) | keys))
+        if overlap > score:
+            best, score = name, overlap
+    return best if score > 0.5 else None
+
+
+def load_weights(model: Detector, state: dict[str, Tensor], source: Path | str) -> None:
+    """Load a plain ``state_dict`` into ``model``, or say in one line which layer does not fit:
+    the first missing or unexpected key (and the detector the file looks like), or the first
+    layer whose shape differs (another class count, another size)."""
+    spec = model.spec
+    what = f"{spec['name']}-{spec['size']} with {spec['num_classes']} classes"
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        looks = _likeliest(state, spec)
+        hint = (
+            f"; it looks like a '{looks}' checkpoint (--detector {looks})"
+            if looks and looks != spec["name"]
+            else "; no registered detector has its layer names"
+            if not looks
+            else ""
+        )
+        if missing:
+            near = difflib.get_close_matches(missing[0], unexpected, n=1)
+            found = f" (the file has '{near[0]}')" if near else ""
+            raise DetectorError(
+                f"{source} does not fit {what}: no '{missing[0]}'{found}, "
+                f"{len(missing)} of its {len(own)} tensors missing{hint}"
+            )
+        raise DetectorError(
+            f"{source} does not fit {what}: it has '{unexpected[0]}', which {what} lacks{hint}"
+        )
+    for key, value in own.items():
+        theirs = state[key]
+        if not isinstance(theirs, Tensor) or theirs.shape != value.shape:
+            got = _shape(theirs) if isinstance(theirs, Tensor) else type(theirs).__name__
+            raise DetectorError(
+                f"{source} does not fit {what}: layer '{key}' is {got} in the file, {_shape(value)} here"
+            )
+    model.load_state_dict(state)
