@@ -14,11 +14,13 @@ metadata and JSON is written with sorted keys, so one seed gives byte-identical 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,7 +317,8 @@ def generate(
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any folder
         _write_set(tmp, seed, num_train, num_val, image_size)
-        (tmp / MANIFEST).write_text(json.dumps(params, sort_keys=True) + "\n")
+        manifest = {**params, "files": _checksums(tmp)}  # every file's SHA-256, checked on each use
+        (tmp / MANIFEST).write_text(json.dumps(manifest, sort_keys=True) + "\n")
         try:
             os.replace(tmp, root)  # atomic; fails when root exists and is not empty
         except OSError:
@@ -326,16 +329,51 @@ def generate(
     return root
 
 
+def _checksums(root: Path) -> dict[str, str]:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    digests = {}
+    for path in files:
+        with open(path, "rb") as fh:
+            digests[path.relative_to(root).as_posix()] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return digests
+
+
+def _damage(root: Path, recorded: dict[str, str] | None) -> str | None:
+    """What is wrong with a finished set's files (None when every file matches its checksum)."""
+    if recorded is None:
+        return "no checksums recorded (made by an older detprune)"
+    found = _checksums(root)
+    for name, digest in recorded.items():
+        if name not in found:
+            return f"{name} is missing"
+        if found[name] != digest:
+            return f"{name} failed its checksum (changed or truncated)"
+    return None
+
+
 def _finished(root: Path, params: dict) -> bool:
-    """True when ``root`` holds a finished set made with ``params``; a different set is an error."""
+    """True when ``root`` holds a finished, intact set made with ``params``; a different set is an
+    error. A damaged set (a file changed, truncated or missing) is ours to rebuild: it is moved
+    aside and removed, with one line saying so, and the caller generates it again."""
     try:
         found = json.loads((root / MANIFEST).read_text())
     except FileNotFoundError:
         return False
     except (OSError, ValueError):
         raise DatasetError(f"{root / MANIFEST}: unreadable manifest; delete {root} to regenerate") from None
+    recorded = found.pop("files", None)
     if found != params:
         raise DatasetError(
             f"{root}: holds a synthetic set made with {found}, not {params}; delete it to regenerate"
         )
-    return True
+    damage = _damage(root, recorded)
+    if damage is None:
+        return True
+    print(f"detprune: synthetic set {root}: {damage}; generating it again", file=sys.stderr)
+    aside = root.with_name(f".{root.name}.{os.getpid()}.damaged.tmp")
+    try:
+        os.replace(root, aside)
+    except FileNotFoundError:  # another process moved it first
+        return False
+    shutil.rmtree(aside, ignore_errors=True)
+    return False

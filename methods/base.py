@@ -124,7 +124,7 @@ def build_method(name: str, **options: Any) -> Method:
     """``name`` or ``name:variant`` (a named variant: same method, its own options in a suite)."""
     base = name.partition(":")[0]
     if base not in _REGISTRY:
-        near = difflib.get_close_matches(base, method_names(), n=1)
+        near = difflib.get_close_matches(base, method_names(), n=1, cutoff=0.5)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         raise MethodError(f"unknown method '{base}'{hint}; known: {', '.join(method_names())}")
     return _REGISTRY[base](**options)

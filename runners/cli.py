@@ -34,7 +34,7 @@ from results import (
     write_reports,
 )
 
-from . import measure
+from . import faults, measure
 from .cells import Runner
 from .evaluate import evaluate
 from .prune import prune_and_finetune
@@ -103,6 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"suite {suite.name}: {counts['cells']} cells, {counts['ran']} run{failed}, "
         f"{counts['skipped']} already done"
     )
+    faults.reached("tables")
     paths = _report(args.suite, args.results_dir, suite.overrides)
     out_dir = Path(args.results_dir) / suite.name
     reference = reference_store(suite.name)
