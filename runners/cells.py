@@ -351,12 +351,13 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def pending(self, cells: list[Cell]) -> list[Cell]:
-        """The cells without a row; without ``retry_failed``, also without a recorded failure."""
+    def pending(self, cells: list[Cell]) -> tuple[list[Cell], list[Cell]]:
+        """The cells to run (no row yet), and those left as they are: without ``retry_failed``,
+        the cells whose failure is recorded."""
         done = self.store.finished_ids()
-        if not self.retry_failed:
-            done |= set(self.store.failures()["cell_id"])
-        return [c for c in cells if c.cell_id not in done]
+        failed = set(self.store.failures()["cell_id"]) - done if not self.retry_failed else set()
+        todo = [c for c in cells if c.cell_id not in done | failed]
+        return todo, [c for c in cells if c.cell_id in failed]
 
     def run(self, jobs: int = 1) -> dict[str, int]:
         """Base cells first (every baseline trained once), then the pruned cells.
@@ -371,10 +372,10 @@ class Runner:
             remove_stale(folder)
         self.jobs = jobs
         cells = self.suite.cells()
-        todo = self.pending(cells)
+        todo, left = self.pending(cells)
         bar = tqdm(
             total=len(cells),
-            initial=len(cells) - len(todo),
+            initial=len(cells) - len(todo) - len(left),
             desc=f"suite {self.suite.name}",
             disable=not self.progress,
             dynamic_ncols=True,
@@ -419,7 +420,8 @@ class Runner:
             "cells": len(cells),
             "ran": counts["ran"],
             "failed": counts["failed"],
-            "skipped": len(cells) - len(todo) + counts["done"],
+            "skipped": len(cells) - len(todo) - len(left) + counts["done"],
+            "left_failed": len(left),
         }
 
 

@@ -99,9 +99,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     counts = runner.run(jobs=jobs)
     failed = f", {counts['failed']} failed" if counts["failed"] else ""
+    left = (
+        f", {counts['left_failed']} failed before and left (--skip-failed)" if counts["left_failed"] else ""
+    )
     print(
         f"suite {suite.name}: {counts['cells']} cells, {counts['ran']} run{failed}, "
-        f"{counts['skipped']} already done"
+        f"{counts['skipped']} already done{left}"
     )
     faults.reached("tables")
     paths = _report(args.suite, args.results_dir, suite.overrides)

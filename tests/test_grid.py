@@ -73,7 +73,7 @@ def test_grid_runs_and_resumes(tiny_suite: Path, tmp_path: Path, monkeypatch) ->
 
     monkeypatch.setattr(Runner, "run_pruned", flaky)
     counts = Runner(suite, results, work, progress=False).run()
-    assert counts == {"cells": 3, "ran": 2, "failed": 1, "skipped": 0}
+    assert counts == {"cells": 3, "ran": 2, "failed": 1, "skipped": 0, "left_failed": 0}
     store = ResultStore(results / "tiny" / "results.sqlite")
     assert len(store.finished_ids()) == 2
     failed = store.failures()
@@ -81,7 +81,7 @@ def test_grid_runs_and_resumes(tiny_suite: Path, tmp_path: Path, monkeypatch) ->
     assert failed["stage"][0] == "starting" and failed["attempts"][0] == 1
 
     counts = Runner(suite, results, work, progress=False).run()  # a rerun retries the failed cell
-    assert counts == {"cells": 3, "ran": 1, "failed": 0, "skipped": 2}
+    assert counts == {"cells": 3, "ran": 1, "failed": 0, "skipped": 2, "left_failed": 0}
     assert calls["n"] == 3  # only the failed cell ran again
     assert store.failures().empty  # its row replaced its failure
 
@@ -99,7 +99,7 @@ def test_grid_runs_and_resumes(tiny_suite: Path, tmp_path: Path, monkeypatch) ->
 def test_parallel_jobs_write_every_row_once(tiny_suite: Path, tmp_path: Path) -> None:
     suite = load_suite(tiny_suite)
     counts = Runner(suite, tmp_path / "results", tmp_path / "work", progress=False).run(jobs=2)
-    assert counts == {"cells": 3, "ran": 3, "failed": 0, "skipped": 0}
+    assert counts == {"cells": 3, "ran": 3, "failed": 0, "skipped": 0, "left_failed": 0}
     frame = ResultStore(tmp_path / "results" / "tiny" / "results.sqlite").frame("tiny")
     assert sorted(frame["method"]) == ["base", "l1", "random"]
     assert all('"jobs": 2' in env for env in frame["env"])
