@@ -113,15 +113,18 @@ def _speedup(r: Any) -> str:
     return f"{r.speedup_core:.2f} [{r.speedup_core_lo:.2f}, {r.speedup_core_hi:.2f}]"
 
 
+def _method_name(r: Any) -> str:
+    return r.method if not r.is_base else "base" if r.regime == "plain" else f"base ({r.regime})"
+
+
 def _display_method(r: Any) -> str:
-    name = r.method if not r.is_base else "base" if r.regime == "plain" else f"base ({r.regime})"
-    return f"{name} {FLAG}" if getattr(r, "health", "") else name
+    return f"{_method_name(r)} {FLAG}" if getattr(r, "health", "") else _method_name(r)
 
 
 def _health_lines(summary: pd.DataFrame) -> list[str]:
     """A footnote per flagged row: its training loss looked wrong, so its figures are suspect."""
     lines = [
-        f"- {r.detector} {_display_method(r)} {r.target or ''}".rstrip() + f": {r.health}"
+        f"- {r.detector} {_method_name(r)} {r.target or ''}".rstrip() + f": {r.health}"
         for r in summary.itertuples(index=False)
         if r.health
     ]

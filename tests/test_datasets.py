@@ -461,3 +461,19 @@ def test_kept_decoded_images_equal_disk_and_stay_within_their_bytes(tmp_path):
     assert torch.equal(ds[0][0], fresh[0])  # a kept image is not read again
     with pytest.raises(DatasetError, match="cannot decode"):
         ds[2]
+
+
+def test_a_damaged_synthetic_set_is_generated_again(tmp_path, capsys):
+    root = generate(tmp_path / "s", **SMALL)
+    image = root / "coco" / "train" / "000001.png"
+    whole = image.read_bytes()
+    image.write_bytes(whole[: len(whole) // 2])  # truncated by a full disk, say
+    assert generate(root, **SMALL) == root
+    assert "coco/train/000001.png failed its checksum" in capsys.readouterr().err
+    assert image.read_bytes() == whole  # the same seeded bytes again
+    (root / "kitti" / "training" / "label_2" / "000003.txt").unlink()
+    generate(root, **SMALL)
+    assert "label_2/000003.txt is missing" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left aside
+    manifest = json.loads((root / "synthetic.json").read_text())
+    assert len(manifest["files"]) == len([p for p in root.rglob("*") if p.is_file()]) - 1

@@ -162,23 +162,28 @@ def _kill_during_data_generation(cmd: list[str], work: Path) -> None:
     assert not list((work / "data").glob("synthetic-*")), "a set was finished: not killed mid-way"
 
 
-KILL_AT = [
+EVERY_STAGE = [
     "baseline-step:2",  # mid-way through training the baseline
     "baseline-saved",  # baseline written, its row not
     "store",  # the base row computed, not yet stored
     "scoring",  # a method scoring channels
     "finetune-step:1",  # fine-tuning a pruned model
+    "evaluation",  # evaluating the fine-tuned model
     "timing",  # timing a pruned model against its base
     "tables",  # every row stored, tables not yet written
 ]
+QUICK = ["baseline-step:2", "store", "finetune-step:1", "tables"]  # each kill costs a process start
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
-def test_kill_at_every_stage_then_rerun_finishes_every_cell_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "stages", [pytest.param(QUICK, id="quick"), pytest.param(EVERY_STAGE, id="every", marks=pytest.mark.slow)]
+)
+def test_kill_at_any_stage_then_rerun_finishes_every_cell_once(tmp_path: Path, stages: list[str]) -> None:
     suite_path = _suite(tmp_path, num_train=48)  # a set that takes long enough to write to kill it there
     cmd, store_path = _command(suite_path, tmp_path), tmp_path / "r" / "tiny" / "results.sqlite"
     _kill_during_data_generation(cmd, tmp_path / "w")
-    for stage in KILL_AT:
+    for stage in stages:
         run = subprocess.run(
             cmd, env=_env(DETPRUNE_KILL_AT=stage), capture_output=True, text=True, timeout=600
         )

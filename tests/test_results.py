@@ -447,3 +447,45 @@ def test_seeds_are_replicates_with_mean_std_and_marks(tmp_path: Path) -> None:
     assert by[("hrank", "1")][col["speed-up [95% CI]"]] == "1.20 ± 0.02"
     summary = pd.read_csv(tmp_path / "synthetic_summary.csv")
     assert set(summary["n"]) == {3} and summary["map_std"].round(4).max() == 0.02
+
+
+def test_rows_whose_training_loss_misbehaved_are_flagged(tmp_path: Path) -> None:
+    frame = grid_frame()
+    bad = "baseline: the method's loss term (3.1e+03) outweighs the detection loss (1.2)"
+    frame.loc[(frame["dataset"] == "coco") & (frame["method"] == "base"), "train_health"] = bad
+    frame.loc[frame["method"] == "chip", "train_health"] = "ok"
+    write_reports(frame, tmp_path, "smoke")
+    md = (tmp_path / "coco.md").read_text()
+    methods = [r[1] for r in table_lines(md)]
+    assert methods == ["base ⚠", "chip", "chip", "hrank", "hrank"]
+    assert "⚠ training health" in md and f"- fcos base: {bad}" in md
+    assert "⚠" not in (tmp_path / "kitti.md").read_text()
+
+
+def test_failures_are_listed_and_removed_once_none_are_left(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "s.sqlite")
+    assert (
+        store.fail("c9", "smoke", "fcos-tiny/coco/px params:0.5/s0", "fine-tuning", "FloatingPointError: nan")
+        == 1
+    )
+    assert store.fail("c9", "smoke", "fcos-tiny/coco/px params:0.5/s0", "scoring", "OutOfMemoryError: x") == 2
+    paths = write_reports(grid_frame(), tmp_path / "out", "smoke", store.failures())
+    listing = (tmp_path / "out" / "failures.md").read_text()
+    assert tmp_path / "out" / "failures.md" in paths
+    assert "| fcos-tiny/coco/px params:0.5/s0 | scoring | OutOfMemoryError: x |" in listing
+    store.put(make_row("c9"))  # the rerun finished it: its row replaces its failure
+    assert store.failures().empty and store.fail("c9", "smoke", "x", "s", "e") == 0
+    write_reports(grid_frame(), tmp_path / "out", "smoke", store.failures())
+    assert not (tmp_path / "out" / "failures.md").exists()
+
+
+def test_an_unreadable_store_is_one_error(tmp_path: Path) -> None:
+    path = tmp_path / "results.sqlite"
+    ResultStore(path).put(make_row())
+    data = path.read_bytes()
+    path.write_bytes(data[:100] + b"\x00" * 50 + data[150:])  # the header's page fields overwritten
+    with pytest.raises(store_mod.StoreError, match="not a readable results store"):
+        ResultStore(path)
+    path.write_bytes(b"not sqlite at all" * 64)
+    with pytest.raises(store_mod.StoreError, match="results.sqlite"):
+        ResultStore(path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from methods.training import Schedule, Trainer, _optimizer
+from methods.training import Schedule, Trainer, _optimizer, loss_health
 from tests.conftest import ToyDetector
 
 
@@ -74,3 +74,27 @@ def test_steps_continue_one_stream_and_call_the_hooks() -> None:
     assert sorted(seen) == list(range(8))  # four batches: one epoch, no batch twice
     assert calls == {"before_train": 2, "after_backward": 4, "after_train": 2}
     assert trainer.iterations == 4 and not model.training
+
+
+def test_loss_health_names_a_rising_or_dominated_loss() -> None:
+    falling = [3.0, 2.5, 2.0, 1.6, 1.4, 1.2, 1.1, 1.0, 0.95, 0.9]
+    assert loss_health(falling, [0.0] * 10) == "ok"
+    assert loss_health(falling, [-0.01] * 10) == "ok"  # a small method term, as LDT's default reading
+    assert loss_health([1.0] * 10, [0.0] * 10) == "ok"  # flat: within the noise allowance
+    rising = loss_health(list(reversed(falling)), [0.0] * 10)
+    assert rising.startswith("detection loss rose from 0.925 to 2.75")
+    dominated = loss_health(falling, [-5.0, -50.0, -500.0, -3000.0, -3000.0] * 2)
+    assert "outweighs the detection loss" in dominated and "rose" not in dominated
+    assert loss_health([2.0], [0.0]) == "ok"  # one step says nothing
+
+
+def test_trainer_reports_its_health() -> None:
+    torch.manual_seed(0)
+    schedule = Schedule(epochs=3, batch_size=2, lr=0.05, warmup_iters=0, flip=0.0)
+    assert Trainer(Toy(), _samples(8), schedule, progress=False).epochs()["health"] == "ok"
+
+    def huge(m, batch, losses, neck):  # a method's term that swamps the detection loss
+        return -1e3 * sum(p.abs().sum() for p in m.cls.parameters()) / 1e3 - 1e3
+
+    stats = Trainer(Toy(), _samples(8), schedule, extra_loss=huge, progress=False).epochs()
+    assert "outweighs the detection loss" in stats["health"]
