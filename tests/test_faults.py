@@ -24,44 +24,15 @@ from results import ResultStore
 from runners import cli
 from runners.cells import Runner
 from runners.suite import load_suite
+from tests.test_grid import TINY_SUITE
 
-TINY = """
-name = "tiny"
-seeds = [0]
-methods = ["l1", "random"]
-targets = ["params:0.3"]
-input_size = 64
-
-[train]
-epochs = 1
-batch_size = 8
-warmup_iters = 2
-
-[finetune]
-epochs = 1
-batch_size = 8
-warmup_iters = 1
-
-[prune]
-round_to = 1
-calibration_images = 8
-
-[measure]
-warmup = 1
-rounds = 2
-
-[[experiments]]
-detector = "fcos"
-dataset = "synthetic-coco"
-data = { num_train = NUM_TRAIN, num_val = 8, image_size = 64 }
-"""
 COMPLETE = ["map", "ap50", "params_m", "gmacs", "core_ms_median", "predict_ms_median", "train_health"]
 PRUNED_COMPLETE = ["oneshot_map", "speedup_core", "efficiency_core", "achieved_params_pr"]
 
 
 def _suite(tmp_path: Path, num_train: int = 16) -> Path:
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY.replace("NUM_TRAIN", str(num_train)))
+    path.write_text(TINY_SUITE.replace("num_train = 16", f"num_train = {num_train}"))
     return path
 
 
