@@ -13,8 +13,6 @@ import datetime as dt
 import gc
 import json
 import multiprocessing as mp
-import os
-import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -24,8 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from datasets import build_dataset
-from datasets.base import DatasetError, DetectionDataset
+from datasets.base import DetectionDataset
 from detectors import Detector, DetectorError, build_detector, load_checkpoint, save_checkpoint
 from methods import PruneContext, Target, build_method
 from methods.training import train
@@ -33,36 +30,16 @@ from results import DuplicateCellError, ResultStore
 
 from . import faults, measure
 from .evaluate import evaluate
+from .inputs import check_experiments, default_work_dir, open_datasets
 from .locks import held, lock_path, remove_stale
 from .prune import prune_and_finetune
-from .suite import Cell, Experiment, Suite, SuiteError, load_suite
+from .suite import Cell, Experiment, Suite, load_suite
 
 BASELINE_STAGES = ("baseline-training", "baseline-step", "baseline-saved")
 
 
 class BaselineFailed(RuntimeError):
     """A cell's baseline failed earlier in this run: the cell is recorded failed without retraining."""
-
-
-DECODED_IMAGE_BYTES = 1 << 30  # per split and process; a larger set decodes the rest from disk
-
-
-def default_work_dir() -> Path:
-    return Path(os.environ.get("DETPRUNE_HOME", ".detprune"))
-
-
-def data_root(dataset: str, root: str | None) -> Path | None:
-    """A suite's data root, with ``$VARS`` expanded; an unset variable is named in the error."""
-    if root is None:
-        return None
-    expanded = os.path.expandvars(str(root))
-    unset = re.search(r"\$\{?(\w+)", expanded)
-    if unset:
-        raise DatasetError(
-            f"{dataset}: data root '{root}' needs the environment variable {unset.group(1)}: "
-            f"set it to the {dataset} data folder"
-        )
-    return Path(expanded).expanduser()
 
 
 def _relative(path: Path) -> str:
@@ -107,41 +84,12 @@ class Runner:
     def datasets(self, experiment: Experiment) -> tuple[DetectionDataset, DetectionDataset]:
         key = json.dumps([experiment.dataset, experiment.data], sort_keys=True)
         if key not in self._datasets:
-            options = dict(experiment.data)
-            root = data_root(experiment.dataset, options.pop("root", None))
-            if experiment.dataset.startswith("synthetic") and root is None:
-                root = self.work_dir / "data"
-            pair = (
-                build_dataset(experiment.dataset, "train", root=root, **options),
-                build_dataset(experiment.dataset, "val", root=root, **options),
-            )
-            for split in pair:  # every baseline and fine-tuning reads the same images again
-                split.keep_decoded(DECODED_IMAGE_BYTES)
-            self._datasets[key] = pair
+            self._datasets[key] = open_datasets(experiment, self.work_dir)
         return self._datasets[key]
 
     def check_inputs(self) -> None:
-        """Open every dataset and build every detector before any training, so a missing path, a
-        bad annotation, a detector size that does not exist or an input size its strides cannot
-        take fails at once, before the store is created."""
-        for i, plan in enumerate(self.suite.experiments):
-            train_set, _ = self.datasets(plan.experiment)
-            exp = plan.experiment
-            where = f"{self.suite.path}: experiment {i} ({exp.detector}-{exp.size})"
-            try:
-                model = build_detector(
-                    exp.detector, len(train_set.classes), exp.size, plan.input_size, **exp.detector_options
-                )
-            except TypeError as exc:  # an option the builder does not take
-                raise SuiteError(f"{where}: bad detector_options ({exc})") from None
-            except DetectorError as exc:
-                raise SuiteError(f"{where}: {exc}") from None
-            divisor = model.size_divisor
-            if plan.input_size % divisor:
-                raise SuiteError(
-                    f"{where}: input_size {plan.input_size} is not a multiple of {divisor}, "
-                    f"{exp.detector}'s largest backbone stride (try {_round_up(plan.input_size, divisor)})"
-                )
+        """Every dataset and detector checked before any training, and before the store exists."""
+        check_experiments(self.suite, self.datasets)
 
     def _build(self, cell: Cell, num_classes: int) -> Detector:
         torch.manual_seed(cell.seed)
@@ -319,26 +267,36 @@ class Runner:
                 return "held"
             if self.store.has(cell.cell_id):
                 return "done"
-            try:
-                faults.reached("starting")
-                row = self.run_base(cell) if cell.method == "base" else self.run_pruned(cell)
-            except faults.INPUT_ERRORS:
-                raise  # the data is bad for every cell: the run stops with one line
-            except Exception as exc:  # noqa: BLE001 - a cell's failure must not stop the suite
-                self._record_failure(cell, exc)
+            outcome = self.compute(cell)
+            if isinstance(outcome, faults.Failure):
+                self.record(cell, outcome)
                 return "failed"
             faults.reached("store")
             try:
-                self.store.put(row)
+                self.store.put(outcome)
             except DuplicateCellError:
                 return "done"  # a concurrent run (e.g. a killed run's worker) stored it meanwhile
         return "ran"
 
-    def _record_failure(self, cell: Cell, exc: Exception) -> None:
-        stage = "baseline-training" if isinstance(exc, BaselineFailed) else faults.current()
-        failure = faults.Failure.of(exc, stage)
-        if stage in BASELINE_STAGES:  # the cells that need this baseline fail at once, untrained
-            self._failed_baselines.setdefault(cell.baseline_key, failure)
+    def compute(self, cell: Cell) -> dict[str, Any] | faults.Failure:
+        """The cell's row, or why it failed; stores nothing (an executor's driver stores it)."""
+        try:
+            faults.reached("starting")
+            return self.run_base(cell) if cell.method == "base" else self.run_pruned(cell)
+        except faults.INPUT_ERRORS:
+            raise  # the data is bad for every cell: the run stops with one line
+        except Exception as exc:  # noqa: BLE001 - a cell's failure must not stop the suite
+            stage = "baseline-training" if isinstance(exc, BaselineFailed) else faults.current()
+            failure = faults.Failure.of(exc, stage)
+            if stage in BASELINE_STAGES:  # the cells that need this baseline fail at once, untrained
+                self._failed_baselines.setdefault(cell.baseline_key, failure)
+            gc.collect()  # what the failed cell held (an out-of-memory cell's activations)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return failure
+
+    def record(self, cell: Cell, failure: faults.Failure) -> None:
+        """Store a cell's failure and say so on one line; the suite goes on."""
         attempts = self.store.fail(
             cell.cell_id, cell.suite, cell.label, failure.stage, failure.error, failure.detail
         )
@@ -347,9 +305,6 @@ class Runner:
             f"recorded (attempt {attempts}), the suite goes on",
             file=sys.stderr,
         )
-        gc.collect()  # what the failed cell held (an out-of-memory cell's activations)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def pending(self, cells: list[Cell]) -> tuple[list[Cell], list[Cell]]:
         """The cells to run (no row yet), and those left as they are: without ``retry_failed``,
@@ -433,10 +388,6 @@ def _health(baseline: str | None, finetune: str | None = None) -> str | None:
     if problems:
         return "; ".join(problems)
     return "ok" if baseline or finetune else None
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return max(multiple, -(-value // multiple) * multiple)
 
 
 _WORKER: Runner | None = None

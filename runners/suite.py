@@ -7,11 +7,9 @@ Each (experiment, seed, regime) also yields one ``base`` cell: the unpruned base
 
 from __future__ import annotations
 
-import copy
 import difflib
 import hashlib
 import json
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,62 +20,24 @@ from detectors import detector_names
 from methods import PRUNE_DEFAULTS, MethodError, Target, build_method
 from methods.training import Schedule
 
-SUITES_DIR = Path(__file__).parent / "suites"
-SUITE_KEYS = set(
-    "name description seeds methods targets input_size jobs train finetune prune measure evaluate "
-    "method_options experiments".split()
+from .suite_keys import (
+    EVALUATE_DEFAULTS,
+    EXPERIMENT_KEYS,
+    MEASURE_DEFAULTS,
+    SUITE_KEYS,
+    SuiteError,
+    apply_overrides,
+    check_known,
+    checked_schedule,
+    checked_table,
+    name_list,
+    parse_override,
+    whole_number,
 )
-MEASURE_DEFAULTS = {"warmup": 3, "rounds": 20}
-EVALUATE_DEFAULTS = {"batch_size": 16}
-EXPERIMENT_KEYS = {
-    "detector",
-    "size",
-    "dataset",
-    "data",
-    "detector_options",
-    "methods",
-    "targets",
-    "train",  # keys that override the suite's [train] for this experiment (YOLOX's 100 epochs)
-    "finetune",
-    "input_size",  # a single-level stride-32 detector (YOLOF) needs larger inputs than the rest
-}
 
+__all__ = ["Cell", "Experiment", "Plan", "Suite", "SuiteError", "load_suite", "parse_override", "suite_names"]
 
-class SuiteError(ValueError):
-    """A suite that cannot run, reported as one line naming the file."""
-
-
-def _unknown(found: set[str] | list[str], known: set[str] | list[str], where: str) -> None:
-    """A SuiteError naming the first unknown key and the nearest known one (``epoch`` -> ``epochs``)."""
-    unknown = sorted(set(found) - set(known))
-    if unknown:
-        near = difflib.get_close_matches(unknown[0], sorted(known), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise SuiteError(
-            f"{where}: unknown key(s) {', '.join(unknown)}{hint}; known: {', '.join(sorted(known))}"
-        )
-
-
-def _whole(value: Any, where: str, least: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise SuiteError(f"{where} must be a whole number of at least {least}, not {value!r}")
-    return value
-
-
-# the knobs' types and ranges, checked before a cell runs
-_PRUNE_CHECKS = {
-    "round_to": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-    "max_layer_ratio": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1,
-    "tolerance": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1,
-    "calibration_images": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-}
-_PRUNE_NEEDS = {
-    "round_to": "a whole number >= 1",
-    "max_layer_ratio": "a number in (0, 1]",
-    "tolerance": "a number in (0, 1)",
-    "calibration_images": "a whole number >= 1",
-}
-_LEAST = {"warmup": 0, "rounds": 1, "batch_size": 1}  # [measure] and [evaluate]
+SUITES_DIR = Path(__file__).parent / "suites"
 
 
 def _hash(payload: Any) -> str:
@@ -243,12 +203,6 @@ def _regimes(built: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str
     return regimes, labels
 
 
-def _names(value: Any, where: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise SuiteError(f"{where} must be a list of names, not {value!r}")
-    return list(value)
-
-
 def suite_names() -> list[str]:
     return sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
 
@@ -267,84 +221,6 @@ def resolve_suite_path(name_or_path: str | Path) -> Path:
     )
 
 
-def _table(raw: dict[str, Any], key: str, defaults: dict[str, Any], where: Path) -> dict[str, Any]:
-    values = raw.get(key, {})
-    if not isinstance(values, dict):
-        raise SuiteError(f"{where}: [{key}] must be a table, not {values!r}")
-    _unknown(set(values), set(defaults), f"{where}: [{key}]")
-    for name, value in values.items():
-        if key == "prune" and not _PRUNE_CHECKS[name](value):
-            raise SuiteError(f"{where}: [prune] {name} must be {_PRUNE_NEEDS[name]}, not {value!r}")
-        if key in ("measure", "evaluate"):
-            _whole(value, f"{where}: [{key}] {name}", _LEAST[name])
-    return {**defaults, **values}
-
-
-_BARE_WORD = re.compile(r"^[A-Za-z_][\w.:+-]*$")  # adamw, fcos, params:0.3: text without quotes
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with a dotted KEY (``train.epochs=2``) naming a suite key; VALUE is a TOML
-    literal (``2``, ``[0, 1, 2]``, ``"text"``) or a bare word taken as text (``adamw``)."""
-    key, sep, value = text.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise SuiteError(f"bad --set '{text}': expected KEY=VALUE, e.g. train.epochs=2")
-    path = key.split(".")
-    where = f"bad --set '{text}'"
-    _unknown({path[0]}, SUITE_KEYS - {"experiments"}, where)
-    tables = {"train": Schedule.__dataclass_fields__, "finetune": Schedule.__dataclass_fields__}
-    tables |= {"prune": PRUNE_DEFAULTS, "measure": MEASURE_DEFAULTS, "evaluate": EVALUATE_DEFAULTS}
-    if path[0] in tables:
-        if len(path) != 2:
-            raise SuiteError(
-                f"{where}: name one [{path[0]}] key, e.g. {path[0]}.{next(iter(tables[path[0]]))}"
-            )
-        _unknown({path[1]}, set(tables[path[0]]), f"{where}: [{path[0]}]")
-    elif path[0] == "method_options":
-        if len(path) != 3:
-            raise SuiteError(f"{where}: expected method_options.METHOD.OPTION")
-    elif len(path) != 1:
-        raise SuiteError(f"{where}: '{path[0]}' is not a table")
-    try:
-        return key, tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError as exc:
-        if _BARE_WORD.match(value.strip()):
-            return key, value.strip()
-        raise SuiteError(f'{where}: the value is not TOML ({exc}); quote text as "..."') from None
-
-
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Set suite keys from the command line. An override applies to every experiment: where an
-    ``[[experiments]]`` entry sets the same key itself (``targets``, ``input_size``, ``train.*``),
-    the override replaces it there too."""
-    raw = copy.deepcopy(raw)
-    for key, value in overrides.items():
-        path = key.split(".")
-        _set(raw, path, key, value)
-        if path[0] in SUITE_KEYS & EXPERIMENT_KEYS:
-            for entry in raw.get("experiments", []):
-                if path[0] in entry:
-                    _set(entry, path, key, value)
-    return raw
-
-
-def _set(table: dict[str, Any], path: list[str], key: str, value: Any) -> None:
-    *tables, leaf = path
-    for name in tables:
-        table = table.setdefault(name, {})
-        if not isinstance(table, dict):
-            raise SuiteError(f"bad override '{key}': '{name}' is not a table")
-    table[leaf] = value
-
-
-def _schedule(values: dict[str, Any], where: str) -> Schedule:
-    try:
-        return Schedule.from_dict(values)
-    except (TypeError, ValueError) as exc:
-        raise SuiteError(f"{where}: {exc}") from None
-
-
 def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Suite:
     path = resolve_suite_path(name_or_path)
     try:
@@ -352,9 +228,9 @@ def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None
     except tomllib.TOMLDecodeError as exc:
         raise SuiteError(f"{path}: not valid TOML ({exc})") from None
     raw = apply_overrides(raw, overrides or {})
-    _unknown(set(raw), SUITE_KEYS, str(path))
-    train = _schedule(raw.get("train", {}), f"{path}: [train]")
-    finetune = _schedule(raw.get("finetune", {}), f"{path}: [finetune]")
+    check_known(set(raw), SUITE_KEYS, str(path))
+    train = checked_schedule(raw.get("train", {}), f"{path}: [train]")
+    finetune = checked_schedule(raw.get("finetune", {}), f"{path}: [finetune]")
     method_options = dict(raw.get("method_options", {}))
     try:
         for m, options in method_options.items():  # every entry, also one no experiment uses
@@ -368,7 +244,7 @@ def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise SuiteError(f"{path}: experiments must be [[experiments]] tables")
     for i, entry in enumerate(entries):
-        _unknown(set(entry), EXPERIMENT_KEYS, f"{path}: experiment {i}")
+        check_known(set(entry), EXPERIMENT_KEYS, f"{path}: experiment {i}")
         for key in ("detector", "dataset"):
             if key not in entry:
                 raise SuiteError(f"{path}: experiment {i} names no {key}")
@@ -377,8 +253,8 @@ def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None
                 near = difflib.get_close_matches(str(entry[key]), known, n=1)
                 hint = f" (did you mean '{near[0]}'?)" if near else ""
                 raise SuiteError(f"{path}: unknown {key} '{entry[key]}'{hint}; known: {', '.join(known)}")
-        methods = _names(entry.get("methods", raw.get("methods", [])), f"{path}: experiment {i}: methods")
-        targets = _names(entry.get("targets", raw.get("targets", [])), f"{path}: experiment {i}: targets")
+        methods = name_list(entry.get("methods", raw.get("methods", [])), f"{path}: experiment {i}: methods")
+        targets = name_list(entry.get("targets", raw.get("targets", [])), f"{path}: experiment {i}: targets")
         try:
             for m in methods:
                 build_method(m, **method_options.get(m, {}))
@@ -392,14 +268,16 @@ def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None
             data=dict(entry.get("data", {})),
             detector_options=dict(entry.get("detector_options", {})),
         )
-        plan_train = _schedule({**train.to_dict(), **entry.get("train", {})}, f"{path}: experiment {i}")
-        plan_finetune = _schedule(
+        plan_train = checked_schedule(
+            {**train.to_dict(), **entry.get("train", {})}, f"{path}: experiment {i}"
+        )
+        plan_finetune = checked_schedule(
             {**finetune.to_dict(), **entry.get("finetune", {})}, f"{path}: experiment {i}"
         )
         for key in ("data", "detector_options", "train", "finetune"):
             if not isinstance(entry.get(key, {}), dict):
                 raise SuiteError(f"{path}: experiment {i}: {key} must be a table, not {entry[key]!r}")
-        input_size = _whole(
+        input_size = whole_number(
             entry.get("input_size", raw.get("input_size", 128)), f"{path}: experiment {i}: input_size", 1
         )
         experiments.append(Plan(experiment, methods, targets, plan_train, plan_finetune, input_size))
@@ -408,7 +286,7 @@ def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds:
         raise SuiteError(f"{path}: seeds must be a non-empty list of whole numbers, not {seeds!r}")
-    seeds = [_whole(seed, f"{path}: seeds: {seed!r}", 0) for seed in seeds]
+    seeds = [whole_number(seed, f"{path}: seeds: {seed!r}", 0) for seed in seeds]
     if len(set(seeds)) != len(seeds):
         raise SuiteError(f"{path}: seeds {seeds} repeat a seed (a replicate is one seed)")
     return Suite(
@@ -417,13 +295,13 @@ def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None
         raw=raw,
         experiments=experiments,
         seeds=seeds,
-        input_size=_whole(raw.get("input_size", 128), f"{path}: input_size", 1),
+        input_size=whole_number(raw.get("input_size", 128), f"{path}: input_size", 1),
         train=train,
         finetune=finetune,
-        prune=_table(raw, "prune", PRUNE_DEFAULTS, path),
-        measure=_table(raw, "measure", MEASURE_DEFAULTS, path),
-        evaluate=_table(raw, "evaluate", EVALUATE_DEFAULTS, path),
+        prune=checked_table(raw, "prune", PRUNE_DEFAULTS, path),
+        measure=checked_table(raw, "measure", MEASURE_DEFAULTS, path),
+        evaluate=checked_table(raw, "evaluate", EVALUATE_DEFAULTS, path),
         method_options=method_options,
-        jobs=_whole(raw.get("jobs", 1), f"{path}: jobs", 1),
+        jobs=whole_number(raw.get("jobs", 1), f"{path}: jobs", 1),
         overrides=dict(overrides or {}),
     )

@@ -1,0 +1,158 @@
+"""What a suite file may say: its keys, their types and ranges, and ``--set`` overrides.
+
+Every check names the file, the key and the value, and a misspelt key the nearest valid one
+(``epoch`` -> ``epochs``), because a suite that fails after an hour of training on a typo, or
+silently ignores the key, costs its user far more than a refusal at load time.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from methods import PRUNE_DEFAULTS
+from methods.training import Schedule
+
+SUITE_KEYS = set(
+    "name description seeds methods targets input_size jobs train finetune prune measure evaluate "
+    "method_options experiments".split()
+)
+MEASURE_DEFAULTS = {"warmup": 3, "rounds": 20}
+EVALUATE_DEFAULTS = {"batch_size": 16}
+EXPERIMENT_KEYS = {
+    "detector",
+    "size",
+    "dataset",
+    "data",
+    "detector_options",
+    "methods",
+    "targets",
+    "train",  # keys that override the suite's [train] for this experiment (YOLOX's 100 epochs)
+    "finetune",
+    "input_size",  # a single-level stride-32 detector (YOLOF) needs larger inputs than the rest
+}
+
+
+class SuiteError(ValueError):
+    """A suite that cannot run, reported as one line naming the file."""
+
+
+def check_known(found: set[str] | list[str], known: set[str] | list[str], where: str) -> None:
+    """A SuiteError naming the first unknown key and the nearest known one (``epoch`` -> ``epochs``)."""
+    unknown = sorted(set(found) - set(known))
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise SuiteError(
+            f"{where}: unknown key(s) {', '.join(unknown)}{hint}; known: {', '.join(sorted(known))}"
+        )
+
+
+def whole_number(value: Any, where: str, least: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise SuiteError(f"{where} must be a whole number of at least {least}, not {value!r}")
+    return value
+
+
+# the knobs' types and ranges, checked before a cell runs
+_PRUNE_CHECKS = {
+    "round_to": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "max_layer_ratio": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1,
+    "tolerance": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1,
+    "calibration_images": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+}
+_PRUNE_NEEDS = {
+    "round_to": "a whole number >= 1",
+    "max_layer_ratio": "a number in (0, 1]",
+    "tolerance": "a number in (0, 1)",
+    "calibration_images": "a whole number >= 1",
+}
+_LEAST = {"warmup": 0, "rounds": 1, "batch_size": 1}  # [measure] and [evaluate]
+
+
+def name_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise SuiteError(f"{where} must be a list of names, not {value!r}")
+    return list(value)
+
+
+def checked_table(raw: dict[str, Any], key: str, defaults: dict[str, Any], where: Path) -> dict[str, Any]:
+    values = raw.get(key, {})
+    if not isinstance(values, dict):
+        raise SuiteError(f"{where}: [{key}] must be a table, not {values!r}")
+    check_known(set(values), set(defaults), f"{where}: [{key}]")
+    for name, value in values.items():
+        if key == "prune" and not _PRUNE_CHECKS[name](value):
+            raise SuiteError(f"{where}: [prune] {name} must be {_PRUNE_NEEDS[name]}, not {value!r}")
+        if key in ("measure", "evaluate"):
+            whole_number(value, f"{where}: [{key}] {name}", _LEAST[name])
+    return {**defaults, **values}
+
+
+_BARE_WORD = re.compile(r"^[A-Za-z_][\w.:+-]*$")  # adamw, fcos, params:0.3: text without quotes
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with a dotted KEY (``train.epochs=2``) naming a suite key; VALUE is a TOML
+    literal (``2``, ``[0, 1, 2]``, ``"text"``) or a bare word taken as text (``adamw``)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise SuiteError(f"bad --set '{text}': expected KEY=VALUE, e.g. train.epochs=2")
+    path = key.split(".")
+    where = f"bad --set '{text}'"
+    check_known({path[0]}, SUITE_KEYS - {"experiments"}, where)
+    tables = {"train": Schedule.__dataclass_fields__, "finetune": Schedule.__dataclass_fields__}
+    tables |= {"prune": PRUNE_DEFAULTS, "measure": MEASURE_DEFAULTS, "evaluate": EVALUATE_DEFAULTS}
+    if path[0] in tables:
+        if len(path) != 2:
+            raise SuiteError(
+                f"{where}: name one [{path[0]}] key, e.g. {path[0]}.{next(iter(tables[path[0]]))}"
+            )
+        check_known({path[1]}, set(tables[path[0]]), f"{where}: [{path[0]}]")
+    elif path[0] == "method_options":
+        if len(path) != 3:
+            raise SuiteError(f"{where}: expected method_options.METHOD.OPTION")
+    elif len(path) != 1:
+        raise SuiteError(f"{where}: '{path[0]}' is not a table")
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        if _BARE_WORD.match(value.strip()):
+            return key, value.strip()
+        raise SuiteError(f'{where}: the value is not TOML ({exc}); quote text as "..."') from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set suite keys from the command line. An override applies to every experiment: where an
+    ``[[experiments]]`` entry sets the same key itself (``targets``, ``input_size``, ``train.*``),
+    the override replaces it there too."""
+    raw = copy.deepcopy(raw)
+    for key, value in overrides.items():
+        path = key.split(".")
+        _set(raw, path, key, value)
+        if path[0] in SUITE_KEYS & EXPERIMENT_KEYS:
+            for entry in raw.get("experiments", []):
+                if path[0] in entry:
+                    _set(entry, path, key, value)
+    return raw
+
+
+def _set(table: dict[str, Any], path: list[str], key: str, value: Any) -> None:
+    *tables, leaf = path
+    for name in tables:
+        table = table.setdefault(name, {})
+        if not isinstance(table, dict):
+            raise SuiteError(f"bad override '{key}': '{name}' is not a table")
+    table[leaf] = value
+
+
+def checked_schedule(values: dict[str, Any], where: str) -> Schedule:
+    try:
+        return Schedule.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise SuiteError(f"{where}: {exc}") from None
