@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import io
 import os
 import secrets
 from pathlib import Path
@@ -76,24 +77,38 @@ def _temporary(path: Path) -> Path:
 def save_checkpoint(model: Detector, path: Path, meta: dict[str, Any] | None = None) -> Path:
     """Write atomically, then record the checksum: a killed run never leaves a truncated
     checkpoint under the real name, and two runs never write the same temporary name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "spec": model.spec,
         "widths": layer_widths(model),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": meta or {},
     }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return write_verified(path, buffer.getvalue())
+
+
+def write_verified(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically with its checksum beside it (a checkpoint's bytes,
+    also when they arrive from another machine through an executor)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp, record = _temporary(path), _temporary(checksum_path(path))
     try:
-        torch.save(payload, tmp)
-        record.write_text(f"{sha256(tmp)}  {path.name}\n")
+        tmp.write_bytes(data)
+        record.write_text(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
         tmp.replace(path)  # a kill between the two renames leaves a file its record does not match:
         record.replace(checksum_path(path))  # a cache then rebuilds it, a user is told
     finally:
         tmp.unlink(missing_ok=True)
         record.unlink(missing_ok=True)
     return path
+
+
+def read_verified(path: Path) -> bytes:
+    """The bytes of a checkpoint that matches its recorded checksum (a ChecksumError otherwise)."""
+    verify(path, required=True)
+    return Path(path).read_bytes()
 
 
 def load_checkpoint(

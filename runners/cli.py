@@ -89,15 +89,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     jobs = args.jobs if args.jobs is not None else suite.jobs
     if jobs < 1:
         raise SuiteError(f"--jobs {jobs}: needs at least 1 worker")
+    ray = args.executor == "ray"
+    if ray and not (args.cpus_per_cell > 0 and args.gpus_per_cell >= 0 and args.max_retries >= 0):
+        raise SuiteError("--cpus-per-cell must be > 0, --gpus-per-cell and --max-retries >= 0")
     runner = Runner(
         suite,
         args.results_dir,
         args.work_dir,
-        _device(args.device),
+        args.device if ray else _device(args.device),  # under Ray the device is the workers'
         progress=not args.no_progress,
         retry_failed=not args.skip_failed,
     )
-    counts = runner.run(jobs=jobs)
+    if ray:
+        from .ray_executor import run_on_ray  # Ray is an optional extra: imported only when asked for
+
+        counts = run_on_ray(runner, args.address, args.cpus_per_cell, args.gpus_per_cell, args.max_retries)
+    else:
+        counts = runner.run(jobs=jobs)
     failed = f", {counts['failed']} failed" if counts["failed"] else ""
     left = (
         f", {counts['left_failed']} failed before and left (--skip-failed)" if counts["left_failed"] else ""
@@ -257,6 +265,18 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu")
     run.add_argument("--no-progress", action="store_true")
     run.add_argument("--jobs", type=int, default=None, help="worker processes (default: the suite's `jobs`)")
+    run.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (or --jobs workers); ray: Ray tasks on a cluster (the [ray] extra)",
+    )
+    run.add_argument(
+        "--address", default=None, help="Ray: the cluster to join ('auto': started here with `ray start`)"
+    )
+    run.add_argument("--cpus-per-cell", type=float, default=1.0, help="Ray: CPUs each task asks for")
+    run.add_argument("--gpus-per-cell", type=float, default=0.0, help="Ray: GPUs each task asks for")
+    run.add_argument("--max-retries", type=int, default=2, help="Ray: retries of a task lost with its node")
     run.add_argument(
         "--skip-failed",
         action="store_true",
