@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -313,7 +314,8 @@ def generate(
         raise not_ours
     root.parent.mkdir(parents=True, exist_ok=True)
     # named with this process's id, so a killed run's half-written folder is found and removed
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.{os.getpid()}.", suffix=".tmp", dir=root.parent))
+    writer = f"{socket.gethostname().split('.')[0]}-{os.getpid()}"  # host and process
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.{writer}.", suffix=".tmp", dir=root.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any folder
         _write_set(tmp, seed, num_train, num_val, image_size)
@@ -370,7 +372,8 @@ def _finished(root: Path, params: dict) -> bool:
     if damage is None:
         return True
     print(f"detprune: synthetic set {root}: {damage}; generating it again", file=sys.stderr)
-    aside = root.with_name(f".{root.name}.{os.getpid()}.damaged.tmp")
+    writer = f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+    aside = root.with_name(f".{root.name}.{writer}.damaged.tmp")
     try:
         os.replace(root, aside)
     except FileNotFoundError:  # another process moved it first

@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,9 @@ def _narrow(model: nn.Module, widths: dict[str, dict[str, int]], state: dict[str
 
 
 def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # the writer's host and process: a cleaner on another node sharing the folder leaves it alone
+    writer = f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+    return path.with_name(f".{path.name}.{writer}.{secrets.token_hex(4)}.tmp")
 
 
 def save_checkpoint(model: Detector, path: Path, meta: dict[str, Any] | None = None) -> Path:

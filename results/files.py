@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,8 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp)`` on a temporary name beside ``path`` (unique to this process, so two
     runs never share it), then rename it onto ``path`` in one step."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    writer = f"{socket.gethostname().split('.')[0]}-{os.getpid()}"  # host and process, see runners/locks
+    tmp = path.with_name(f".{path.stem}.{writer}.{secrets.token_hex(4)}.tmp{path.suffix}")
     try:
         write(tmp)
         tmp.replace(path)

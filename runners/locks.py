@@ -7,9 +7,10 @@ never left stale. A run that finds a cell held by another skips it and comes bac
 end (by then the other has stored it, or died and left it to this run); a baseline is waited for,
 so it is trained once however many runs need it.
 
-Temporary files and folders carry their writer's process id (``.<name>.<pid>.<rand>.tmp``, a
-table's ``.tmp.<suffix>``): two runs never write the same temporary name, none is ever read, and
-``remove_stale`` deletes those whose writer is gone.
+Temporary files and folders carry their writer's host and process id
+(``.<name>.<host>-<pid>.<rand>.tmp``, a table's ``.tmp.<suffix>``): two runs never write the same
+temporary name, none is ever read, and ``remove_stale`` deletes those whose writer is gone, on
+this host only (another node sharing the folder may be writing its own).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-_TMP = re.compile(r"^\..+\.(\d+)\.\w+\.tmp(\.\w+)?$")
+_TMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.\w+\.tmp(\.\w+)?$")
 
 
 def lock_path(work_dir: Path, kind: str, key: str) -> Path:
@@ -66,7 +68,8 @@ def remove_stale(folder: Path) -> list[Path]:
         return removed
     for path in sorted(Path(folder).rglob(".*.tmp*")):
         found = _TMP.match(path.name)
-        if found and path.exists() and not _alive(int(found.group(1))):
+        mine = found is not None and found["host"] == socket.gethostname().split(".")[0]
+        if mine and path.exists() and not _alive(int(found["pid"])):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:

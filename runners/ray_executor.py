@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 from collections import Counter
@@ -55,6 +56,7 @@ def _runner(spec: str) -> tuple[Runner, dict[str, Cell]]:
         s = json.loads(spec)
         if Path(s["cwd"]).is_dir():  # paths in the rows read as on the driver, where they can
             os.chdir(s["cwd"])
+        os.environ.update(s["env"])  # the variables the suite's data roots name, as on the driver
         path = Path(tempfile.mkdtemp(prefix="detprune-suite-")) / s["suite_file"]
         path.write_text(s["suite_text"])
         torch.set_num_threads(s["threads"])
@@ -153,10 +155,12 @@ def run_on_ray(
 
 def _spec(runner: Runner, cpus_per_cell: float, gpus_per_cell: float) -> str:
     suite = runner.suite
+    text = Path(suite.path).read_text()
     device = "cuda" if gpus_per_cell > 0 else str(runner.device)
     return json.dumps(
         {
-            "suite_text": Path(suite.path).read_text(),
+            "suite_text": text,
+            "env": {v: os.environ[v] for v in re.findall(r"\$\{?(\w+)", text) if v in os.environ},
             "suite_file": Path(suite.path).name,
             "overrides": suite.overrides,
             "results": str(runner.out_dir.parent.resolve()),
