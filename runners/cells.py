@@ -120,7 +120,7 @@ class Runner:
                 print(f"detprune: cached baseline unusable, training it again: {exc}", file=sys.stderr)
         faults.reached("baseline-training")
         if not self.progress:  # a log line where no bar shows it (the test of two runs counts them)
-            print(f"detprune: training the baseline of {cell.label}", file=sys.stderr)
+            print(f"detprune: training the baseline of {cell.label} ({cell.regime})", file=sys.stderr)
         train_set, _ = self.datasets(cell.experiment)
         model = self._build(cell, len(train_set.classes)).to(self.device)
         extra, method = None, None
