@@ -370,14 +370,20 @@ class Runner:
             status[cell_id] = self.run_cell(by_id[cell_id], wait=True)
             bar.update()
         bar.close()
-        counts = {k: sum(s == k for s in status.values()) for k in ("ran", "failed", "done")}
-        return {
-            "cells": len(cells),
-            "ran": counts["ran"],
-            "failed": counts["failed"],
-            "skipped": len(cells) - len(todo) - len(left) + counts["done"],
-            "left_failed": len(left),
-        }
+        return tally(cells, todo, left, status)
+
+
+def tally(cells: list[Cell], todo: list[Cell], left: list[Cell], status: dict[str, str]) -> dict[str, int]:
+    """What a run did: its cells, how many ran, failed, were already done (or done by another
+    run meanwhile), and how many failed cells it left (``--skip-failed``)."""
+    counts = {k: sum(s == k for s in status.values()) for k in ("ran", "failed", "done")}
+    return {
+        "cells": len(cells),
+        "ran": counts["ran"],
+        "failed": counts["failed"],
+        "skipped": len(cells) - len(todo) - len(left) + counts["done"],
+        "left_failed": len(left),
+    }
 
 
 def _health(baseline: str | None, finetune: str | None = None) -> str | None:

@@ -33,7 +33,7 @@ from detectors.checkpoints import ChecksumError, read_verified, verify, write_ve
 from results import DuplicateCellError
 
 from . import faults
-from .cells import Runner
+from .cells import Runner, tally
 from .locks import remove_stale
 from .suite import Cell, SuiteError, load_suite
 
@@ -143,14 +143,7 @@ def run_on_ray(
     finally:
         if started:
             ray.shutdown()
-    counts = Counter(status.values())
-    return {
-        "cells": len(cells),
-        "ran": counts["ran"],
-        "failed": counts["failed"],
-        "skipped": len(cells) - len(todo) - len(left) + counts["done"],
-        "left_failed": len(left),
-    }
+    return tally(cells, todo, left, status)
 
 
 def _spec(runner: Runner, cpus_per_cell: float, gpus_per_cell: float) -> str:
