@@ -314,8 +314,7 @@ def generate(
         raise not_ours
     root.parent.mkdir(parents=True, exist_ok=True)
     # named with this process's id, so a killed run's half-written folder is found and removed
-    writer = f"{socket.gethostname().split('.')[0]}-{os.getpid()}"  # host and process
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.{writer}.", suffix=".tmp", dir=root.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.{_writer()}.", suffix=".tmp", dir=root.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any folder
         _write_set(tmp, seed, num_train, num_val, image_size)
@@ -329,6 +328,14 @@ def generate(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _writer() -> str:
+    """This host and process, in a temporary name: a killed writer's leftovers are found and removed."""
+    return f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+_VERIFIED: set[tuple[Path, str]] = set()  # (root, manifest) checked in this process: hashed once
 
 
 def _checksums(root: Path) -> dict[str, str]:
@@ -368,12 +375,15 @@ def _finished(root: Path, params: dict) -> bool:
         raise DatasetError(
             f"{root}: holds a synthetic set made with {found}, not {params}; delete it to regenerate"
         )
+    key = (root.resolve(), json.dumps(recorded, sort_keys=True))
+    if key in _VERIFIED:  # the train and the val split open the same set: hash its files once
+        return True
     damage = _damage(root, recorded)
     if damage is None:
+        _VERIFIED.add(key)
         return True
     print(f"detprune: synthetic set {root}: {damage}; generating it again", file=sys.stderr)
-    writer = f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
-    aside = root.with_name(f".{root.name}.{writer}.damaged.tmp")
+    aside = root.with_name(f".{root.name}.{_writer()}.damaged.tmp")
     try:
         os.replace(root, aside)
     except FileNotFoundError:  # another process moved it first

@@ -286,7 +286,6 @@ class Trainer:
         self._neck = None
         losses = model.loss(images, targets)
         loss = detection = sum(losses.values())
-        extra = None
         if self.extra_loss is not None:
             neck = neck_maps(self._neck) if self._neck is not None else None
             extra = self.extra_loss(model, (images, targets), losses, neck)
@@ -302,10 +301,12 @@ class Trainer:
         optimizer.step()
         scheduler.step()
         self.iterations += 1
-        self._trace.append((detection.item(), extra.item() if extra is not None else 0.0))
+        # one device sync for both figures (the method's term is the difference)
+        det, total = torch.stack([detection.detach().float(), loss.detach().float()]).tolist()
+        self._trace.append((det, total - det))
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # drawn at tqdm's own interval
-        return loss.item()
+        bar.set_postfix(loss=f"{total:.3f}", refresh=False)  # drawn at tqdm's own interval
+        return total
 
 
 def _mean(values: Sequence[float]) -> float:

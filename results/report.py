@@ -157,10 +157,9 @@ def _summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     return summary
 
 
-def _table_rows(df: pd.DataFrame, metric: str) -> tuple[list[str], list[list[str]]]:
+def _table_rows(summary: pd.DataFrame, metric: str) -> tuple[list[str], list[list[str]]]:
     """The formatted table: one row per replicate group, plus a fine-tuning column when the
     frame holds several fine-tuning budgets."""
-    summary = _summary(df, metric)
     epochs = set(summary["finetune_epochs"].dropna())
     headers = list(HEADERS)
     if len(epochs) > 1:
@@ -196,7 +195,8 @@ def render_table(frame: pd.DataFrame, dataset: str | None = None) -> str:
     datasets = sorted(set(df["dataset"]))
     if len(datasets) != 1:
         raise ValueError(f"render_table needs exactly one dataset; the frame has {datasets}")
-    return _tabulate(*_table_rows(df, _metric_column(df)), "pipe")
+    metric = _metric_column(df)
+    return _tabulate(*_table_rows(_summary(df, metric), metric), "pipe")
 
 
 def _distinct(df: pd.DataFrame, column: str) -> str:
@@ -292,17 +292,17 @@ def write_reports(
     for dataset in sorted(set(df["dataset"])):
         sub = df[df["dataset"] == dataset]
         metric = _metric_column(sub)
-        headers, rows = _table_rows(sub, metric)
+        summary = _summary(sub, metric)  # one per dataset: the table, its footnotes and the CSV
+        headers, rows = _table_rows(summary, metric)
         stem = out_dir / _safe(dataset)
 
         md = Path(f"{stem}.md")
         lines = _header_lines(sub, suite, dataset, metric) + [_tabulate(headers, rows, "pipe"), ""]
-        lines += _health_lines(_summary(sub, metric))
+        lines += _health_lines(summary)
         write_text(md, "\n".join(lines))
 
         csv = Path(f"{stem}.csv")
         _write_csv(sub, csv)
-        summary = _summary(sub, metric)
         summary_csv = Path(f"{stem}_summary.csv")
         table = summary.drop(columns=["is_base"])
         write_atomically(

@@ -35,7 +35,8 @@ from .locks import held, lock_path, remove_stale
 from .prune import prune_and_finetune
 from .suite import Cell, Experiment, Suite, load_suite
 
-BASELINE_STAGES = ("baseline-training", "baseline-step", "baseline-saved")
+# a failure here leaves no baseline (once saved, it is there: a later failure is the cell's own)
+BASELINE_STAGES = ("baseline-training", "baseline-step")
 
 
 class BaselineFailed(RuntimeError):
