@@ -1,23 +1,26 @@
 """Detectors behind one contract; importing the package registers every family."""
 
-from . import faster_rcnn, fcos, gfl, yolof, yolox  # noqa: F401  (each registers its detectors)
+from . import faster_rcnn, fcos, gfl, torchvision_models, yolof, yolox  # noqa: F401  (each registers)
 from .base import (
     Detector,
     DetectorError,
     build_detector,
+    default_size,
     detector_names,
     layer_widths,
 )
-from .checkpoints import ChecksumError, load_checkpoint, load_weights, save_checkpoint
+from .checkpoints import ChecksumError, load_checkpoint, load_weights, read_state_dict, save_checkpoint
 
 __all__ = [
     "ChecksumError",
     "Detector",
     "DetectorError",
     "build_detector",
+    "default_size",
     "detector_names",
     "layer_widths",
     "load_checkpoint",
     "load_weights",
+    "read_state_dict",
     "save_checkpoint",
 ]

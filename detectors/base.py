@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 _REGISTRY: dict[str, Callable[..., Detector]] = {}
+_DEFAULT_SIZES: dict[str, str] = {}
 
 
 class DetectorError(ValueError):
@@ -88,13 +89,17 @@ def letterbox(images: list[Tensor], size: int, pad: float = 0.0) -> tuple[Tensor
     return batch, scales
 
 
-def register(name: str) -> Callable[[Callable[..., Detector]], Callable[..., Detector]]:
-    """Register a detector builder ``builder(num_classes, size, input_size, **options)``."""
+def register(
+    name: str, default_size: str = "tiny"
+) -> Callable[[Callable[..., Detector]], Callable[..., Detector]]:
+    """Register a detector builder ``builder(num_classes, size, input_size, **options)``;
+    ``default_size`` is the size a suite or the CLI gets when it names none."""
 
     def wrap(builder: Callable[..., Detector]) -> Callable[..., Detector]:
         if name in _REGISTRY:
             raise DetectorError(f"detector '{name}' registered twice")
         _REGISTRY[name] = builder
+        _DEFAULT_SIZES[name] = default_size
         return builder
 
     return wrap
@@ -104,10 +109,17 @@ def detector_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def default_size(name: str) -> str:
+    """The size ``name`` is built at when none is named ("tiny" for an unknown name: the build
+    then says the name is unknown)."""
+    return _DEFAULT_SIZES.get(name, "tiny")
+
+
 def build_detector(
-    name: str, num_classes: int, size: str = "tiny", input_size: int = 128, **options: Any
+    name: str, num_classes: int, size: str | None = None, input_size: int = 128, **options: Any
 ) -> Detector:
-    """Build a detector by name; no weights are ever downloaded."""
+    """Build a detector by name (at its default size unless ``size``); nothing is downloaded."""
+    size = size if size is not None else default_size(name)
     if name not in _REGISTRY:
         near = difflib.get_close_matches(str(name), detector_names(), n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""

@@ -144,15 +144,31 @@ def _likeliest(state: dict[str, Tensor], spec: dict[str, Any]) -> str | None:
     best, score = None, 0.0
     for name in detector_names():
         try:
-            keys = set(
-                build_detector(name, spec["num_classes"], spec["size"], spec["input_size"]).state_dict()
-            )
+            keys = set(build_detector(name, spec["num_classes"], None, spec["input_size"]).state_dict())
         except (DetectorError, TypeError, ValueError, KeyError):
             continue
         overlap = len(keys & set(state)) / max(1, len(set(state) | keys))
         if overlap > score:
             best, score = name, overlap
     return best if score > 0.5 else None
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """The ``state_dict`` in a weights file as PyTorch users save them: a plain ``state_dict``
+    (torchvision's published files), or a checkpoint dict holding one under ``state_dict`` or
+    ``model`` (torchvision's reference scripts). Read with ``weights_only``: no code runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise DetectorError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever torch says of a file that is no state_dict
+        raise DetectorError(f"{path}: not a PyTorch weights file ({type(exc).__name__})") from None
+    if isinstance(state, dict):
+        state = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), state)
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise DetectorError(f"{path}: holds a {type(state).__name__} that is not a state_dict of tensors")
+    return state
 
 
 def load_weights(model: Detector, state: dict[str, Tensor], source: Path | str) -> None:
@@ -162,6 +178,9 @@ def load_weights(model: Detector, state: dict[str, Tensor], source: Path | str) 
     spec = model.spec
     what = f"{spec['name']}-{spec['size']} with {spec['num_classes']} classes"
     own = model.state_dict()
+    # a FrozenBatchNorm2d (torchvision's pretrained backbones) has no batch counter: the count
+    # only matters to a BatchNorm without a momentum, so the model's own stands in for it
+    state = {**{k: v for k, v in own.items() if k.endswith(".num_batches_tracked")}, **state}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:

@@ -93,3 +93,36 @@ def track_levels(head: nn.Module, towers: list[nn.Module]) -> None:
         tower.next_level = 0
         tower.register_forward_pre_hook(_enter_level)
     head.register_forward_pre_hook(_start_pass)
+
+
+class FixedBatchNorm2d(nn.BatchNorm2d):
+    """A BatchNorm whose statistics and affine never change: torchvision's ``FrozenBatchNorm2d``
+    as a ``BatchNorm2d``, so torch-pruning prunes it (it has no pruner for the frozen one).
+
+    Pretrained torchvision detectors freeze their backbone's norms (batches of two images give no
+    usable statistics); this keeps that while training, in either mode, and keeps the affine out
+    of the optimiser's reach (detached, so no gradient reaches it even after a reload)."""
+
+    @classmethod
+    def like(cls, norm: nn.Module) -> FixedBatchNorm2d:
+        """The same normalisation as ``norm`` (a ``BatchNorm2d`` or a ``FrozenBatchNorm2d``)."""
+        fixed = cls(norm.weight.shape[0], eps=norm.eps)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(fixed, name).copy_(getattr(norm, name))
+        fixed.weight.requires_grad_(False)
+        fixed.bias.requires_grad_(False)
+        return fixed.to(norm.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight.detach(),
+            self.bias.detach(),
+            False,
+            0.0,
+            self.eps,
+        )

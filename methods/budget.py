@@ -41,9 +41,10 @@ def removal_steps(
         size = len(g.order)
         orig = (original or {}).get(g.root, size)
         min_keep = max(1, math.ceil(orig * (1 - max_layer_ratio)))
+        step = math.lcm(round_to, g.unit)  # a GroupNorm's groups go whole
         keep = size
         while True:
-            keep = (keep - 1) // round_to * round_to  # next multiple of round_to below
+            keep = (keep - 1) // step * step  # next multiple of the step below
             if keep < min_keep:
                 break
             removed = size - keep

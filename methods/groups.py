@@ -172,13 +172,56 @@ def normalize_scores(scores: Tensor, normalizer: str | None) -> Tensor:
 
 @dataclass
 class GroupScores:
-    """One scored group: its root, its coupled layers, its channels by ascending score."""
+    """One scored group: its root, its coupled layers, its channels by ascending score.
+
+    ``unit``: the channels that go together (a GroupNorm's group; 1 without one): ``order``
+    then lists whole norm groups, each at its mean score, and removals are multiples of it.
+    """
 
     root: str
     members: list[str]
     order: Tensor
     sorted_scores: Tensor
     consumers: list[str] = field(default_factory=list)
+    unit: int = 1
+
+
+def norm_groups(group: tp.Group) -> tuple[int, Tensor | None]:
+    """``(unit, block)``: the GroupNorm group of each of the dependency group's channels.
+
+    A GroupNorm normalises each group of ``num_channels / num_groups`` channels by that group's
+    statistics. Removing a whole group leaves every other group's normalisation exactly as it
+    was; removing channels here and there would regroup the rest (torch-pruning keeps
+    ``num_groups`` and narrows the groups). So a group with GroupNorms is pruned in whole norm
+    groups, and every GroupNorm in it must group the channels the same way.
+    """
+    size = len(group[0].idxs)
+    block: Tensor | None = None
+    unit = 1
+    for item in group:
+        module = item.dep.target.module
+        if not isinstance(module, nn.GroupNorm) or any(r is None for r in item.root_idxs):
+            continue
+        width = module.num_channels // module.num_groups
+        mine = torch.full((size,), -1, dtype=torch.int64)
+        mine[torch.as_tensor(item.root_idxs)] = torch.as_tensor(item.idxs) // width
+        if block is not None and not (unit == width and torch.equal(mine, block)):
+            raise MethodError(
+                f"GroupNorms coupled with different groupings ({unit} and {width} channels a group)"
+            )
+        if (mine < 0).any():
+            raise MethodError("a GroupNorm covers only part of its dependency group's channels")
+        block, unit = mine, width
+    return unit, block
+
+
+def _by_norm_group(scores: Tensor, block: Tensor, unit: int) -> tuple[Tensor, Tensor]:
+    """``(sorted_scores, order)`` listing whole norm groups by their mean channel score."""
+    count = int(block.max()) + 1
+    means = torch.zeros(count, dtype=scores.dtype).index_add_(0, block, scores) / unit
+    ranked = torch.sort(means, stable=True).indices
+    order = torch.cat([torch.nonzero(block == b).flatten() for b in ranked.tolist()])
+    return means[block[order]], order
 
 
 def score_groups(model: Detector, importance: tp.importance.Importance) -> list[GroupScores]:
@@ -198,9 +241,14 @@ def score_groups(model: Detector, importance: tp.importance.Importance) -> list[
         root = names[group[0].dep.target.module]
         if not torch.isfinite(scores).all():
             raise MethodError(f"importance of group '{root}' is not finite")
-        sorted_scores, order = torch.sort(scores, stable=True)
+        unit, block = norm_groups(group)
+        if block is None:
+            sorted_scores, order = torch.sort(scores, stable=True)
+        else:
+            sorted_scores, order = _by_norm_group(scores, block, unit)
         info = described[root]
-        groups.append(GroupScores(root, info.members, order, sorted_scores, [c[0] for c in info.consumers]))
+        consumers = [c[0] for c in info.consumers]
+        groups.append(GroupScores(root, info.members, order, sorted_scores, consumers, unit))
     model.train(was_training)
     return groups
 
@@ -209,10 +257,17 @@ def apply_removal(model: Detector, groups: list[GroupScores], counts: dict[str, 
     """Remove the ``counts[root]`` lowest-scored channels of each group, in place, in group order."""
     graph = dependency_graph(model)
     modules = dict(model.named_modules())
+    norms = {m: m.num_channels // m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}
     for g in groups:
         n = counts.get(g.root, 0)
         if n <= 0:
             continue
+        if n % g.unit:
+            raise MethodError(
+                f"'{g.root}': {n} channels is not a whole number of its {g.unit}-channel norm groups"
+            )
         layer = modules[g.root]
         pruner = graph.get_pruner_of_module(layer)
         graph.get_pruning_group(layer, pruner.prune_out_channels, g.order[:n].tolist()).prune()
+    for norm, width in norms.items():  # whole groups went: the rest keep their width
+        norm.num_groups = norm.num_channels // width

@@ -23,7 +23,15 @@ import torch
 from tqdm.auto import tqdm
 
 from datasets.base import DetectionDataset
-from detectors import Detector, DetectorError, build_detector, load_checkpoint, save_checkpoint
+from detectors import (
+    Detector,
+    DetectorError,
+    build_detector,
+    load_checkpoint,
+    load_weights,
+    read_state_dict,
+    save_checkpoint,
+)
 from methods import PruneContext, Target, build_method
 from methods.training import train
 from results import DuplicateCellError, ResultStore
@@ -33,7 +41,7 @@ from .evaluate import evaluate
 from .inputs import check_experiments, default_work_dir, open_datasets
 from .locks import held, lock_path, remove_stale
 from .prune import prune_and_finetune
-from .suite import Cell, Experiment, Suite, load_suite
+from .suite import Cell, Experiment, Suite, load_suite, weights_path
 
 # a failure here leaves no baseline (once saved, it is there: a later failure is the cell's own)
 BASELINE_STAGES = ("baseline-training", "baseline-step")
@@ -123,7 +131,12 @@ class Runner:
         if not self.progress:  # a log line where no bar shows it (the test of two runs counts them)
             print(f"detprune: training the baseline of {cell.label} ({cell.regime})", file=sys.stderr)
         train_set, _ = self.datasets(cell.experiment)
-        model = self._build(cell, len(train_set.classes)).to(self.device)
+        model = self._build(cell, len(train_set.classes))
+        if cell.experiment.weights:  # starts from the given weights; trains only if epochs > 0
+            load_weights(
+                model, read_state_dict(weights_path(cell.experiment.weights)), cell.experiment.weights
+            )
+        model = model.to(self.device)
         extra, method = None, None
         if cell.regime != "plain":
             method = build_method(cell.regime, **cell.regime_options)  # the method that owns the regime

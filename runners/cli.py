@@ -20,6 +20,7 @@ from detectors import (
     detector_names,
     load_checkpoint,
     load_weights,
+    read_state_dict,
     save_checkpoint,
 )
 from methods import PRUNE_DEFAULTS, MethodError, Target, build_method, method_names
@@ -172,14 +173,9 @@ def _load_model(checkpoint: Path, args: argparse.Namespace, num_classes: int) ->
     except DetectorError:
         if not args.detector:
             raise DetectorError(f"{checkpoint} is not a detprune checkpoint: name its --detector") from None
-    model = build_detector(args.detector, num_classes, args.size, args.input_size)
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - whatever torch says of a file that is no state_dict
-        raise DetectorError(f"{checkpoint}: not a PyTorch weights file ({type(exc).__name__})") from None
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    if not isinstance(state, dict):
-        raise DetectorError(f"{checkpoint}: holds a {type(state).__name__}, not a state_dict")
+    options = parse_options(args.detector_option)
+    model = build_detector(args.detector, num_classes, args.size, args.input_size, **options)
+    state = read_state_dict(checkpoint)
     load_weights(model, state, checkpoint)
     return model
 
@@ -303,7 +299,14 @@ def parser() -> argparse.ArgumentParser:
         "--option", action="append", default=[], metavar="KEY=VALUE", help="a method option; repeatable"
     )
     pr.add_argument("--detector", default=None, help="needed for a plain state_dict checkpoint")
-    pr.add_argument("--size", default="tiny")
+    pr.add_argument(
+        "--detector-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a detector option for a plain state_dict (e.g. coco_labels=true); repeatable",
+    )
+    pr.add_argument("--size", default=None, help="default: the detector's own (tiny; full for tv:*)")
     pr.add_argument("--input-size", type=int, default=128)
     pr.add_argument("--round-to", type=int, default=PRUNE_DEFAULTS["round_to"])
     pr.add_argument("--max-layer-ratio", type=float, default=PRUNE_DEFAULTS["max_layer_ratio"])

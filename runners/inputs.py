@@ -15,9 +15,9 @@ from pathlib import Path
 
 from datasets import build_dataset
 from datasets.base import DatasetError, DetectionDataset
-from detectors import DetectorError, build_detector
+from detectors import DetectorError, build_detector, load_weights, read_state_dict
 
-from .suite import Experiment, Suite, SuiteError
+from .suite import Experiment, Suite, SuiteError, weights_path
 
 DECODED_IMAGE_BYTES = 1 << 30  # per split and process; a larger set decodes the rest from disk
 Pair = tuple[DetectionDataset, DetectionDataset]
@@ -70,6 +70,11 @@ def check_experiments(suite: Suite, datasets: Callable[[Experiment], Pair]) -> N
             raise SuiteError(f"{where}: bad detector_options ({exc})") from None
         except DetectorError as exc:
             raise SuiteError(f"{where}: {exc}") from None
+        if exp.weights:  # the file exists and fits, before anything trains
+            try:
+                load_weights(model, read_state_dict(weights_path(exp.weights)), exp.weights)
+            except DetectorError as exc:
+                raise SuiteError(f"{where}: {exc}") from None
         divisor = model.size_divisor
         if plan.input_size % divisor:
             suggestion = max(divisor, -(-plan.input_size // divisor) * divisor)

@@ -8,15 +8,18 @@ Each (experiment, seed, regime) also yields one ``base`` cell: the unpruned base
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from datasets import DATASETS
-from detectors import detector_names
+from detectors import default_size, detector_names
 from methods import PRUNE_DEFAULTS, MethodError, Target, build_method
 from methods.training import Schedule
 
@@ -40,6 +43,30 @@ __all__ = ["Cell", "Experiment", "Plan", "Suite", "SuiteError", "load_suite", "p
 SUITES_DIR = Path(__file__).parent / "suites"
 
 
+def weights_path(weights: str) -> Path:
+    """An experiment's ``weights`` with ``$VARS`` and ``~`` expanded; an unset variable is an error."""
+    expanded = os.path.expandvars(weights)
+    unset = re.search(r"\$\{?(\w+)", expanded)
+    if unset:
+        raise SuiteError(f"weights '{weights}' needs the environment variable {unset.group(1)}")
+    return Path(expanded).expanduser()
+
+
+@functools.cache
+def _digest(path: Path, mtime_ns: int, size: int) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def weights_digest(weights: str) -> str:
+    """SHA-256 of a weights file, hashed once per process per version of the file."""
+    path = weights_path(weights)
+    if not path.is_file():
+        raise SuiteError(f"weights file not found: {path}")
+    stat = path.stat()
+    return _digest(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
 def _hash(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -51,9 +78,15 @@ class Experiment:
     dataset: str
     data: dict[str, Any] = field(default_factory=dict)
     detector_options: dict[str, Any] = field(default_factory=dict)
+    # a weights file the baseline starts from (torchvision's published COCO weights, say) instead
+    # of the detector's random initialisation; ``$VARS`` expand; "" for none
+    weights: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        found = dict(self.__dict__)
+        if not self.weights:  # the baseline keys of suites that name no weights stay as they were
+            found.pop("weights")
+        return found
 
 
 @dataclass(frozen=True)
@@ -85,6 +118,12 @@ class Cell:
                 "train": self.train.to_dict(),
                 # a regime other than plain trains with that method's loss and these options
                 "regime_options": self.regime_options,
+                # the file's contents, not just its name: replaced weights are a new baseline
+                **(
+                    {"weights_sha256": weights_digest(self.experiment.weights)}
+                    if self.experiment.weights
+                    else {}
+                ),
             }
         )
 
@@ -261,12 +300,15 @@ def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None
             targets = [str(Target.parse(t)) for t in targets]
         except MethodError as exc:
             raise SuiteError(f"{path}: {exc}") from None
+        if not isinstance(entry.get("weights", ""), str):
+            raise SuiteError(f"{path}: experiment {i}: weights must be a file path, not {entry['weights']!r}")
         experiment = Experiment(
             detector=entry["detector"],
-            size=entry.get("size", "tiny"),
+            size=entry.get("size", default_size(str(entry["detector"]))),
             dataset=entry["dataset"],
             data=dict(entry.get("data", {})),
             detector_options=dict(entry.get("detector_options", {})),
+            weights=str(entry.get("weights", "")),
         )
         plan_train = checked_schedule(
             {**train.to_dict(), **entry.get("train", {})}, f"{path}: experiment {i}"

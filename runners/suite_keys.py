@@ -34,6 +34,7 @@ EXPERIMENT_KEYS = {
     "train",  # keys that override the suite's [train] for this experiment (YOLOX's 100 epochs)
     "finetune",
     "input_size",  # a single-level stride-32 detector (YOLOF) needs larger inputs than the rest
+    "weights",  # a weights file the baseline starts from (torchvision's published ones)
 }
 
 
