@@ -13,7 +13,9 @@ predicts. Only what the harness needs is added:
 * labels: the harness's ``0..C-1`` become torchvision's (``+1`` where label 0 is its background:
   Faster R-CNN, SSD). ``coco_labels = true`` uses torchvision's 91-slot COCO label space
   instead, where a class's output is its COCO category id, as the published weights need;
-* ``min_size = max_size =`` the suite's input size (SSD: its fixed size), as for every detector;
+* ``min_size = max_size =`` the suite's input size (SSD: its fixed size), as for every detector,
+  unless the options set them (``min_size = 800, max_size = 1333``: torchvision's evaluation);
+  ``core``, FLOPs and latency stay at the square input size;
 * ``frozen_norms = true``: the backbone's norms keep their statistics and affine while
   training, as torchvision's ``FrozenBatchNorm2d`` does in a pretrained build, but prunable
   (``norms.FixedBatchNorm2d``). Without it a build is torchvision's ``weights=None`` one,
@@ -49,8 +51,6 @@ _RESERVED = {
     "self",
     "backbone",
     "num_classes",
-    "min_size",
-    "max_size",
     "size",
     "image_mean",
     "image_std",
@@ -239,8 +239,8 @@ def build(name: str, num_classes: int, size: str, input_size: int, **options: An
     kwargs = {k: v for k, v in options.items() if k not in OWN_OPTIONS}
     cls = BUILDERS[builder]
     classes = 91 if options.get("coco_labels") else num_classes + cls.label_offset
-    if cls is not TorchvisionSSD:
-        kwargs.update(min_size=input_size, max_size=input_size)
+    if cls is not TorchvisionSSD:  # predict() as torchvision evaluates: min_size 800, max_size 1333
+        kwargs = {"min_size": input_size, "max_size": input_size, **kwargs}
     model = getattr(tvd, builder)(weights=None, weights_backbone=None, num_classes=classes, **kwargs)
     if cls is TorchvisionSSD:  # SSD resizes to a fixed size given positionally by its builder
         model.transform.min_size, model.transform.max_size = (input_size,), input_size
@@ -282,14 +282,21 @@ def fix_norms(module: nn.Module) -> None:
 
 def from_torchvision(model: nn.Module, builder: str, num_classes: int, coco_labels: bool = False) -> Detector:
     """A torchvision detection model built in Python (say, with its published weights) as a
-    Detector: its frozen norms made prunable, its transform sized as it is. ``num_classes`` is
-    the dataset's; a checkpoint of the result rebuilds with ``tv:<builder>``."""
+    Detector: its frozen norms made prunable, its transform's sizes kept (``input_size`` is its
+    shorter side). ``num_classes`` is the dataset's. A checkpoint of the result rebuilds with
+    ``tv:<builder>`` and these options; other post-processing settings rebuild at their defaults."""
     if builder not in BUILDERS or type(model) is not _model_class(builder):
         raise DetectorError(f"not a torchvision {builder} model: {type(model).__name__}")
-    frozen = any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
-    input_size = int(model.transform.max_size)
-    options = {k: v for k, v in (("coco_labels", coco_labels), ("frozen_norms", frozen)) if v}
-    detector = _adopt(model, BUILDERS[builder], builder, input_size, options)
+    cls, transform = BUILDERS[builder], model.transform
+    options: dict[str, Any] = {"coco_labels": coco_labels}
+    options["frozen_norms"] = any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    if cls is TorchvisionSSD:
+        input_size = int(transform.fixed_size[0])
+    else:
+        input_size = int(transform.min_size[0])
+        options.update(min_size=input_size, max_size=int(transform.max_size))
+    options = {k: v for k, v in options.items() if v}
+    detector = _adopt(model, cls, builder, input_size, options)
     detector.spec = {
         "name": f"tv:{builder}",
         "num_classes": num_classes,

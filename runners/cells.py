@@ -129,7 +129,8 @@ class Runner:
                 print(f"detprune: cached baseline unusable, training it again: {exc}", file=sys.stderr)
         faults.reached("baseline-training")
         if not self.progress:  # a log line where no bar shows it (the test of two runs counts them)
-            print(f"detprune: training the baseline of {cell.label} ({cell.regime})", file=sys.stderr)
+            what = "training" if cell.train.epochs else "loading"
+            print(f"detprune: {what} the baseline of {cell.label} ({cell.regime})", file=sys.stderr)
         train_set, _ = self.datasets(cell.experiment)
         model = self._build(cell, len(train_set.classes))
         if cell.experiment.weights:  # starts from the given weights; trains only if epochs > 0

@@ -52,3 +52,64 @@ def test_gmacs_match_the_readme_and_the_published_figure(
     gmacs = count_gmacs(build_detector(detector, classes, size, max(shape)), shape)
     assert round(gmacs, 2) == measured
     assert gmacs == pytest.approx(published, rel=tolerance)
+
+
+# torchvision's detection models against the figures in their weights' metadata: GFLOPS there
+# are MACs counted by torch's FlopCounterMode (convolutions and matrix products only) at 800x800
+# (SSDlite 320x320), so that counter must reproduce them; fvcore, which the tables use, also
+# counts norms, activations and upsampling (the README lists both). Faster R-CNN MobileNetV3's
+# figure was counted with no proposal left by its RPN (score threshold 0.05 on a sample image),
+# the R50 ones with all 1000: ``core`` runs the box head on that many fixed proposals. Three R50
+# rows (7 to 11 s each) run with -m slow.
+TV_ROWS = [
+    # (builder, input, proposals, fvcore GMACs printed in the README)
+    ("fcos_resnet50_fpn", 800, None, 128.63),
+    pytest.param("retinanet_resnet50_fpn", 800, None, 151.83, marks=pytest.mark.slow),
+    pytest.param("retinanet_resnet50_fpn_v2", 800, None, 152.66, marks=pytest.mark.slow),
+    ("fasterrcnn_resnet50_fpn", 800, 1000, 134.68),
+    pytest.param("fasterrcnn_resnet50_fpn_v2", 800, 1000, 280.82, marks=pytest.mark.slow),
+    ("fasterrcnn_mobilenet_v3_large_fpn", 800, 0, 4.61),
+    ("ssdlite320_mobilenet_v3_large", 320, None, 0.60),
+]
+# torchvision counts its pretrained models' FrozenBatchNorm2d affine values as buffers, not
+# parameters; built with weights=None its builders use BatchNorm2d, whose affine is parameters
+FROZEN_AFFINE = {
+    "fcos_resnet50_fpn": 53_120,
+    "retinanet_resnet50_fpn": 53_120,
+    "fasterrcnn_resnet50_fpn": 53_120,
+    "fasterrcnn_mobilenet_v3_large_fpn": 24_400,
+}
+
+
+@pytest.mark.parametrize(
+    ("builder", "size", "proposals", "fvcore"),
+    TV_ROWS,
+    ids=[(r.values if hasattr(r, "values") else r)[0] for r in TV_ROWS],
+)
+def test_torchvision_detectors_match_their_published_sizes(
+    builder: str, size: int, proposals: int | None, fvcore: float
+) -> None:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from detectors.norms import FixedBatchNorm2d
+    from detectors.torchvision_models import BUILDERS, published
+
+    figures = published(builder)
+    classes = 91 - BUILDERS[builder].label_offset  # torchvision's 91 slots, the background among them
+    options = {} if proposals is None else {"rpn_post_nms_top_n_test": proposals}
+    model = build_detector(f"tv:{builder}", classes, None, size, **options).eval()
+    params = sum(p.numel() for p in model.parameters())
+    assert params - FROZEN_AFFINE.get(builder, 0) == figures["params"]
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.core(model.example_input())
+    assert counter.get_total_flops() / 2e9 == pytest.approx(figures["gmacs"], abs=0.0005)
+    assert round(count_gmacs(model), 2) == fvcore
+
+    if builder in FROZEN_AFFINE:  # frozen as torchvision's pretrained build: the same count, trainable or not
+        frozen = build_detector(f"tv:{builder}", classes, None, size, frozen_norms=True, **options)
+        assert any(isinstance(m, FixedBatchNorm2d) for m in frozen.modules())
+        assert (
+            sum(p.numel() for p in frozen.parameters() if p.requires_grad) == params - FROZEN_AFFINE[builder]
+        )
