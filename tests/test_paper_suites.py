@@ -58,7 +58,9 @@ def test_overrides_reach_every_experiment() -> None:
         parse_override("epochs")
 
 
-@pytest.mark.parametrize(("suite", "variable"), [("kitti", "KITTI_ROOT"), ("coco", "COCO_ROOT")])
+@pytest.mark.parametrize(
+    ("suite", "variable"), [("kitti", "KITTI_ROOT"), ("coco", "COCO_ROOT"), ("tv_coco", "COCO_ROOT")]
+)
 def test_missing_data_fails_at_once_naming_the_path(suite, variable, monkeypatch, tmp_path, capsys) -> None:
     args = ["run", suite, "--results-dir", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w")]
     monkeypatch.delenv(variable, raising=False)
@@ -69,3 +71,35 @@ def test_missing_data_fails_at_once_naming_the_path(suite, variable, monkeypatch
     err = capsys.readouterr().err
     assert "no-such-data" in err and err.count("\n") == 1
     assert not (tmp_path / "w" / "baselines").exists()  # nothing trained
+
+
+FROZEN_IN_TORCHVISION = {
+    "fcos_resnet50_fpn",
+    "retinanet_resnet50_fpn",
+    "fasterrcnn_resnet50_fpn",
+    "fasterrcnn_mobilenet_v3_large_fpn",
+}
+
+
+def test_tv_coco_names_torchvisions_published_files_and_evaluates_as_torchvision() -> None:
+    from torchvision.models import detection as tvd
+    from torchvision.models import get_model_weights
+
+    from detectors.torchvision_models import BUILDERS
+
+    suite = load_suite("tv_coco")
+    plans = {p.experiment.detector.removeprefix("tv:"): p for p in suite.experiments}
+    assert set(plans) == set(BUILDERS)
+    for builder, plan in plans.items():
+        url = get_model_weights(getattr(tvd, builder)).COCO_V1.url
+        assert plan.experiment.weights == "$TV_WEIGHTS/" + url.rsplit("/", 1)[1]
+        assert plan.train.epochs == 0 and plan.experiment.dataset == "coco"
+        options = plan.experiment.detector_options
+        assert options["coco_labels"] is True
+        # frozen exactly where torchvision's pretrained build freezes the backbone's norms
+        assert options.get("frozen_norms", False) == (builder in FROZEN_IN_TORCHVISION)
+        if builder.startswith("ssd"):
+            assert plan.input_size == 320 and "min_size" not in options
+        else:
+            assert (options["min_size"], options["max_size"], plan.input_size) == (800, 1333, 800)
+    assert suite.evaluate["batch_size"] == 1

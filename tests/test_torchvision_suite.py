@@ -78,3 +78,33 @@ methods = ["l1"]
     model, _ = load_checkpoint(tmp_path / "work" / "baselines" / f"{base.baseline_key}.pt")
     for key, value in theirs.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ("$NO_SUCH_WEIGHTS_VAR/a.pth", "needs the environment variable NO_SUCH_WEIGHTS_VAR"),
+        ("{tmp}/missing.pth", "weights file not found"),
+        ("{tmp}/other.pth", "it has 'conv.weight'"),
+    ],
+)
+def test_weights_that_are_not_there_or_do_not_fit_are_one_line(
+    weights: str, message: str, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    from runners.cli import main
+
+    monkeypatch.delenv("NO_SUCH_WEIGHTS_VAR", raising=False)
+    state = tvd.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4).state_dict()
+    torch.save({**state, "conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    suite = tmp_path / "s.toml"
+    suite.write_text(
+        'methods = ["l1"]\ntargets = ["params:0.3"]\ninput_size = 64\n[[experiments]]\n'
+        'detector = "tv:ssdlite320_mobilenet_v3_large"\ndataset = "synthetic-coco"\n'
+        "data = { num_train = 8, num_val = 4, image_size = 64 }\n"
+        f'weights = "{weights.format(tmp=tmp_path)}"\n'
+    )
+    args = ["run", str(suite), "--results-dir", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w")]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("detprune: error: ") and message in lines[0], lines
+    assert not (tmp_path / "w" / "baselines").exists() and not (tmp_path / "r").exists()
