@@ -157,6 +157,8 @@ CASES = [
     Case("prune: checkpoint of another class count", prune(checkpoint="fcos5"), ["fcos5.pt", "predicts 5 classes", "synthetic-coco has 3"]),
     Case("prune: state_dict of another detector", prune("--detector", "fcos", checkpoint="yolox_sd"), ["yolox_sd.pt", "does not fit fcos-tiny", "looks like a 'yolox'"]),
     Case("prune: state_dict of another class count", prune("--detector", "fcos", checkpoint="fcos5_sd"), ["fcos5_sd.pt", "is [5", "in the file", "[3"]),
+    # the report that opened issue 16: torchvision's FCOS file given as detprune's own FCOS-R50
+    Case("prune: torchvision's state_dict as ours", prune("--detector", "fcos", "--size", "r50", checkpoint="tv_fcos_sd"), ["tv_fcos_sd.pt", "does not fit fcos-r50", "no 'backbone.body.stem.0.weight'", "looks like a 'tv:fcos_resnet50_fpn'"]),
     Case("prune: checkpoint changed after it was written", prune(), ["fcos.pt", "checksum mismatch"], _corrupt_checkpoint),
     Case("prune: not a weights file", prune("--detector", "fcos", checkpoint="notes"), ["notes.pt", "not a PyTorch weights file"]),
 ]  # fmt: skip
@@ -178,6 +180,7 @@ def shared(tmp_path_factory) -> dict[str, Path]:
     save_checkpoint(build_detector("fcos", 5, "tiny", 64), root / "fcos5.pt")
     torch.save(build_detector("yolox", 3, "tiny", 64).state_dict(), root / "yolox_sd.pt")
     torch.save(build_detector("fcos", 5, "tiny", 64).state_dict(), root / "fcos5_sd.pt")
+    torch.save(build_detector("tv:fcos_resnet50_fpn", 3, None, 64).state_dict(), root / "tv_fcos_sd.pt")
     (root / "notes.pt").write_text("not weights")
     return {"root": root, "coco": coco}
 
@@ -195,6 +198,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: Case, shared, tmp
         shutil.copy(shared["root"] / f"{name}.pt", paths[name])
         if (shared["root"] / f"{name}.pt.sha256").exists():
             shutil.copy(shared["root"] / f"{name}.pt.sha256", tmp_path / f"{name}.pt.sha256")
+    paths["tv_fcos_sd"] = shared["root"] / "tv_fcos_sd.pt"  # 130 MB: read in place, never copied
     case.prepare(paths)
     store = paths["results"] / "bad" / "results.sqlite"
     before = store.read_bytes() if store.exists() else None

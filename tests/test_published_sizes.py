@@ -59,11 +59,11 @@ def test_gmacs_match_the_readme_and_the_published_figure(
 # (SSDlite 320x320), so that counter must reproduce them; fvcore, which the tables use, also
 # counts norms, activations and upsampling (the README lists both). Faster R-CNN MobileNetV3's
 # figure was counted with no proposal left by its RPN (score threshold 0.05 on a sample image),
-# the R50 ones with all 1000: ``core`` runs the box head on that many fixed proposals. FCOS is
-# the R50 row of the default run; the others (7 to 11 s each) run with -m slow.
+# the R50 ones with all 1000: ``core`` runs the box head on that many fixed proposals. The R50
+# rows (7 to 11 s each) run with -m slow, the MobileNetV3 ones by default.
 TV_ROWS = [
     # (builder, input, proposals, fvcore GMACs printed in the README)
-    ("fcos_resnet50_fpn", 800, None, 128.63),
+    pytest.param("fcos_resnet50_fpn", 800, None, 128.63, marks=pytest.mark.slow),
     pytest.param("retinanet_resnet50_fpn", 800, None, 151.83, marks=pytest.mark.slow),
     pytest.param("retinanet_resnet50_fpn_v2", 800, None, 152.66, marks=pytest.mark.slow),
     pytest.param("fasterrcnn_resnet50_fpn", 800, 1000, 134.68, marks=pytest.mark.slow),
