@@ -216,6 +216,17 @@ def _model_class(builder: str) -> type[nn.Module]:
     return next(c for c in BUILDERS[builder].__mro__ if c.__module__.startswith("torchvision."))
 
 
+def _same_kind(value: Any, default: Any) -> bool:
+    """A value of the default's kind (a whole number for a float is fine; None takes any scalar)."""
+    if default is None:
+        return isinstance(value, bool | int | float | str)
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    return isinstance(value, int)
+
+
 def check_options(name: str, num_classes: int, size: str, options: dict[str, Any]) -> None:
     builder = name.removeprefix("tv:")
     if size != SIZE:
@@ -226,8 +237,11 @@ def check_options(name: str, num_classes: int, size: str, options: dict[str, Any
             near = difflib.get_close_matches(key, list(known), n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             raise DetectorError(f"{name} has no option '{key}'{hint}; known: {', '.join(sorted(known))}")
-        if key in OWN_OPTIONS and not isinstance(value, bool):
-            raise DetectorError(f"{name}: option {key} must be true or false, not {value!r}")
+        default = OWN_OPTIONS[key](False) if key in OWN_OPTIONS else known[key]
+        if not _same_kind(value, default):
+            kinds = {bool: "true or false", int: "a whole number", float: "a number"}
+            kind = kinds.get(type(default), "a number, true or false, or text")
+            raise DetectorError(f"{name}: option {key} must be {kind}, not {value!r}")
     if options.get("coco_labels") and num_classes != 80:
         raise DetectorError(f"{name}: coco_labels needs the 80 COCO classes, not {num_classes}")
 

@@ -171,6 +171,8 @@ def test_coco_labels_use_torchvisions_91_slots() -> None:
     [
         ({"score_tresh": 0.1}, "did you mean 'score_thresh'"),
         ({"frozen_norms": "yes"}, "true or false"),
+        ({"score_thresh": "high"}, "score_thresh must be a number"),
+        ({"detections_per_img": 10.5}, "must be a whole number"),
     ],
 )
 def test_bad_torchvision_options_are_one_line(options: dict, message: str) -> None:
