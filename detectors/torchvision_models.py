@@ -81,7 +81,8 @@ class TorchvisionDetector(Detector):
         ids = self.coco_ids()
         if ids is None:
             return {**prediction, "labels": labels - self.label_offset}
-        inverse = torch.full((int(ids.max()) + 1 + 1,), -1, dtype=torch.int64)
+        # one slot past the highest id: labels beyond it (none from a 91-slot head) land there, as -1
+        inverse = torch.full((int(ids.max()) + 2,), -1, dtype=torch.int64)
         inverse[ids] = torch.arange(len(ids))
         mapped = inverse.to(labels.device)[labels.clamp(max=len(inverse) - 1)]
         keep = mapped >= 0
@@ -168,7 +169,7 @@ def _last_conv(block: nn.Module) -> nn.Module:
     return [m for m in block.modules() if isinstance(m, nn.Conv2d)][-1]
 
 
-# builder -> (the Detector class its model becomes, its published COCO weights enum's entry)
+# builder -> the Detector class its model becomes
 BUILDERS: dict[str, type[TorchvisionDetector]] = {
     "fcos_resnet50_fpn": TorchvisionFCOS,
     "retinanet_resnet50_fpn": TorchvisionRetinaNet,
