@@ -9,7 +9,14 @@ from .base import (
     detector_names,
     layer_widths,
 )
-from .checkpoints import ChecksumError, load_checkpoint, load_weights, read_state_dict, save_checkpoint
+from .checkpoints import (
+    ChecksumError,
+    load_checkpoint,
+    load_weights,
+    load_weights_file,
+    read_state_dict,
+    save_checkpoint,
+)
 
 __all__ = [
     "ChecksumError",
@@ -21,6 +28,7 @@ __all__ = [
     "layer_widths",
     "load_checkpoint",
     "load_weights",
+    "load_weights_file",
     "read_state_dict",
     "save_checkpoint",
 ]

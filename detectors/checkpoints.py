@@ -172,6 +172,11 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     return state
 
 
+def load_weights_file(model: Detector, path: Path) -> None:
+    """``load_weights`` from a file as ``read_state_dict`` reads it."""
+    load_weights(model, read_state_dict(path), path)
+
+
 def load_weights(model: Detector, state: dict[str, Tensor], source: Path | str) -> None:
     """Load a plain ``state_dict`` into ``model``, or say in one line which layer does not fit:
     the first missing or unexpected key (and the detector the file looks like), or the first

@@ -28,8 +28,7 @@ from detectors import (
     DetectorError,
     build_detector,
     load_checkpoint,
-    load_weights,
-    read_state_dict,
+    load_weights_file,
     save_checkpoint,
 )
 from methods import PruneContext, Target, build_method
@@ -101,11 +100,15 @@ class Runner:
         check_experiments(self.suite, self.datasets)
 
     def _build(self, cell: Cell, num_classes: int) -> Detector:
+        """The baseline before training: seeded, or the experiment's weights file."""
         torch.manual_seed(cell.seed)
         exp = cell.experiment
-        return build_detector(
+        model = build_detector(
             exp.detector, num_classes, size=exp.size, input_size=cell.input_size, **exp.detector_options
         )
+        if exp.weights:  # trained from there only if train.epochs > 0
+            load_weights_file(model, weights_path(exp.weights))
+        return model
 
     def baseline(self, cell: Cell) -> tuple[Detector, Path, dict[str, Any]]:
         """The trained baseline of ``cell`` and its meta: from the cache, or trained once and cached."""
@@ -132,12 +135,7 @@ class Runner:
             what = "training" if cell.train.epochs else "loading"
             print(f"detprune: {what} the baseline of {cell.label} ({cell.regime})", file=sys.stderr)
         train_set, _ = self.datasets(cell.experiment)
-        model = self._build(cell, len(train_set.classes))
-        if cell.experiment.weights:  # starts from the given weights; trains only if epochs > 0
-            load_weights(
-                model, read_state_dict(weights_path(cell.experiment.weights)), cell.experiment.weights
-            )
-        model = model.to(self.device)
+        model = self._build(cell, len(train_set.classes)).to(self.device)
         extra, method = None, None
         if cell.regime != "plain":
             method = build_method(cell.regime, **cell.regime_options)  # the method that owns the regime

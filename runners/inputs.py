@@ -9,15 +9,15 @@ in one line before it has trained anything or created its store.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 from datasets import build_dataset
 from datasets.base import DatasetError, DetectionDataset
-from detectors import DetectorError, build_detector, load_weights, read_state_dict
+from detectors import DetectorError, build_detector, load_weights_file
 
 from .suite import Experiment, Suite, SuiteError, weights_path
+from .suite_keys import expand_path
 
 DECODED_IMAGE_BYTES = 1 << 30  # per split and process; a larger set decodes the rest from disk
 Pair = tuple[DetectionDataset, DetectionDataset]
@@ -31,14 +31,13 @@ def data_root(dataset: str, root: str | None) -> Path | None:
     """A suite's data root, with ``$VARS`` expanded; an unset variable is named in the error."""
     if root is None:
         return None
-    expanded = os.path.expandvars(str(root))
-    unset = re.search(r"\$\{?(\w+)", expanded)
+    path, unset = expand_path(str(root))
     if unset:
         raise DatasetError(
-            f"{dataset}: data root '{root}' needs the environment variable {unset.group(1)}: "
+            f"{dataset}: data root '{root}' needs the environment variable {unset}: "
             f"set it to the {dataset} data folder"
         )
-    return Path(expanded).expanduser()
+    return path
 
 
 def open_datasets(experiment: Experiment, work_dir: Path) -> Pair:
@@ -72,7 +71,7 @@ def check_experiments(suite: Suite, datasets: Callable[[Experiment], Pair]) -> N
             raise SuiteError(f"{where}: {exc}") from None
         if exp.weights:  # the file exists and fits, before anything trains
             try:
-                load_weights(model, read_state_dict(weights_path(exp.weights)), exp.weights)
+                load_weights_file(model, weights_path(exp.weights))
             except DetectorError as exc:
                 raise SuiteError(f"{where}: {exc}") from None
         divisor = model.size_divisor

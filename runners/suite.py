@@ -11,8 +11,6 @@ import difflib
 import functools
 import hashlib
 import json
-import os
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from .suite_keys import (
     check_known,
     checked_schedule,
     checked_table,
+    expand_path,
     name_list,
     parse_override,
     whole_number,
@@ -45,11 +44,10 @@ SUITES_DIR = Path(__file__).parent / "suites"
 
 def weights_path(weights: str) -> Path:
     """An experiment's ``weights`` with ``$VARS`` and ``~`` expanded; an unset variable is an error."""
-    expanded = os.path.expandvars(weights)
-    unset = re.search(r"\$\{?(\w+)", expanded)
+    path, unset = expand_path(weights)
     if unset:
-        raise SuiteError(f"weights '{weights}' needs the environment variable {unset.group(1)}")
-    return Path(expanded).expanduser()
+        raise SuiteError(f"weights '{weights}' needs the environment variable {unset}")
+    return path
 
 
 @functools.cache

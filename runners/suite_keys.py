@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -36,6 +37,13 @@ EXPERIMENT_KEYS = {
     "input_size",  # a single-level stride-32 detector (YOLOF) needs larger inputs than the rest
     "weights",  # a weights file the baseline starts from (torchvision's published ones)
 }
+
+
+def expand_path(text: str) -> tuple[Path, str | None]:
+    """``text`` with ``$VARS`` and ``~`` expanded, and the first variable left unset (or None)."""
+    expanded = os.path.expandvars(text)
+    unset = re.search(r"\$\{?(\w+)", expanded)
+    return Path(expanded).expanduser(), unset.group(1) if unset else None
 
 
 class SuiteError(ValueError):
