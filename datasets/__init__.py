@@ -1,8 +1,9 @@
 """Detection datasets behind one sample format (DESIGN.md §3, §7), built by name.
 
-``build_dataset("synthetic-coco", "train")`` generates the embedded synthetic set on first use
-(cached under ``$DETPRUNE_HOME/data``) and reads it through the real COCO loader, so the default
-suite exercises the same code as ``build_dataset("coco", "val", root=...)`` on real data.
+``build_dataset("synthetic-coco", "train")`` (or ``synthetic-kitti``, ``synthetic-voc``) generates
+the embedded synthetic set on first use (cached under ``$DETPRUNE_HOME/data``) and reads it through
+the real COCO (KITTI, VOC) loader, so the default suite exercises the same code as
+``build_dataset("coco", "val", root=...)`` on real data.
 """
 
 from __future__ import annotations
@@ -15,16 +16,20 @@ from typing import Any
 from datasets.base import DatasetError, DetectionDataset, ImageRecord
 from datasets.coco import CocoDetection
 from datasets.kitti import KittiDetection
+from datasets.synthetic import CLASSES as SYNTHETIC_CLASSES
 from datasets.synthetic import generate
+from datasets.voc import VocDetection
 
-DATASETS: tuple[str, ...] = ("synthetic-coco", "synthetic-kitti", "coco", "kitti")
+DATASETS: tuple[str, ...] = ("synthetic-coco", "synthetic-kitti", "synthetic-voc", "coco", "kitti", "voc")
 SPLITS = ("train", "val")
 _SYNTHETIC_OPTIONS = {"seed": 0, "num_train": 512, "num_val": 128, "image_size": 128}
 _OPTIONS = {
     "synthetic-coco": {*_SYNTHETIC_OPTIONS, "transform"},
     "synthetic-kitti": {*_SYNTHETIC_OPTIONS, "split_seed", "val_fraction", "transform"},
+    "synthetic-voc": {*_SYNTHETIC_OPTIONS, "transform"},
     "coco": {"year", "transform"},
     "kitti": {"split_seed", "val_fraction", "transform"},
+    "voc": {"protocol", "transform"},
 }
 
 __all__ = [
@@ -34,6 +39,7 @@ __all__ = [
     "DetectionDataset",
     "ImageRecord",
     "KittiDetection",
+    "VocDetection",
     "build_dataset",
     "default_data_dir",
     "synthetic_root",
@@ -55,10 +61,12 @@ def synthetic_root(cache: str | Path | None = None, **options: Any) -> Path:
 def build_dataset(name: str, split: str, root: str | Path | None = None, **options: Any) -> DetectionDataset:
     """Dataset ``name`` (one of ``DATASETS``), split ``"train"`` or ``"val"``.
 
-    ``root``: the cache folder for the synthetic sets, the data folder for ``coco`` / ``kitti``
-    (required there). Options: synthetic ``seed, num_train, num_val, image_size``; KITTI-style
-    ``split_seed`` (default 0) and ``val_fraction`` (0.2); ``coco`` ``year`` ("2017"); all
-    ``transform``, a callable ``(image, target) -> (image, target)``.
+    ``root``: the cache folder for the synthetic sets, the data folder for ``coco`` / ``kitti`` /
+    ``voc`` (the ``VOCdevkit`` folder; required there). Options: synthetic ``seed, num_train,
+    num_val, image_size``; KITTI-style ``split_seed`` (default 0) and ``val_fraction`` (0.2);
+    ``coco`` ``year`` ("2017"); ``voc`` ``protocol`` ("07+12", "07" or "12"; synthetic-voc is
+    "07": its train split is VOC2007 trainval, its val split VOC2007 test); all ``transform``, a
+    callable ``(image, target) -> (image, target)``.
     """
     if name not in _OPTIONS:
         near = difflib.get_close_matches(str(name), DATASETS, n=1)
@@ -85,6 +93,8 @@ def build_dataset(name: str, split: str, root: str | Path | None = None, **optio
         if name == "synthetic-coco":
             coco = data / "coco"
             return CocoDetection(coco / split, coco / "annotations" / f"instances_{split}.json", transform)
+        if name == "synthetic-voc":
+            return VocDetection(data / "voc" / "VOCdevkit", split, "07", SYNTHETIC_CLASSES, transform)
         return KittiDetection(data / "kitti", split, transform=transform, **kitti_options)
 
     if root is None:
@@ -97,4 +107,6 @@ def build_dataset(name: str, split: str, root: str | Path | None = None, **optio
         return CocoDetection(
             root / f"{split}{year}", root / "annotations" / f"instances_{split}{year}.json", transform
         )
+    if name == "voc":
+        return VocDetection(root, split, options.get("protocol", "07+12"), transform=transform)
     return KittiDetection(root, split, transform=transform, **kitti_options)

@@ -1,4 +1,4 @@
-"""The embedded default data: a seeded synthetic detection set, written as COCO and as KITTI files.
+"""The embedded default data: a seeded synthetic detection set, written as COCO, KITTI and VOC files.
 
 No real data exists where the harness is developed, and the default suite must still exercise the
 real loaders, so this writes files exactly like the real sets and the loaders read them back.
@@ -10,6 +10,9 @@ stars, diamonds, rings, thin lines), half of them in class-like colours.
 
 Every image comes from its own ``numpy.random.default_rng([seed, split, index])``, PNGs carry no
 metadata and JSON is written with sorted keys, so one seed gives byte-identical files anywhere.
+The VOC copy (``voc/VOCdevkit/VOC2007``: JPEG, XML, ``trainval``/``test`` image sets) marks as
+``difficult`` exactly the objects that COCO marks ``iscrowd`` and KITTI ``DontCare``; JPEG is lossy,
+so its pixels differ slightly from the PNGs'.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +35,7 @@ from PIL import Image, ImageDraw
 
 from datasets.base import DatasetError
 
-GENERATOR_VERSION = 1  # bump when the content changes: part of what a cached baseline depends on
+GENERATOR_VERSION = 2  # bump when the content changes: part of what a cached baseline depends on
 CLASSES = ("car", "pedestrian", "cyclist")
 CATEGORY_IDS = (2, 5, 7)  # non-contiguous on purpose, so the id <-> label mapping is exercised
 KITTI_TYPES = ("Car", "Pedestrian", "Cyclist")
@@ -82,6 +86,38 @@ def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=6)  # no info dict: no metadata chunks
     return buf.getvalue()
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=95)  # VOC's images are JPEG; no EXIF written
+    return buf.getvalue()
+
+
+def _voc_xml(name: str, shapes: list[_Shape], size: int) -> bytes:
+    """A VOC annotation: 1-based inclusive pixel indices, so a drawn box (x1, y1, x2, y2) with
+    exclusive ends is written as (x1 + 1, y1 + 1, x2, y2); distractors are not objects."""
+    root = ET.Element("annotation")
+    ET.SubElement(root, "folder").text = "VOC2007"
+    ET.SubElement(root, "filename").text = f"{name}.jpg"
+    dims = ET.SubElement(root, "size")
+    for tag, value in (("width", size), ("height", size), ("depth", 3)):
+        ET.SubElement(dims, tag).text = str(value)
+    ET.SubElement(root, "segmented").text = "0"
+    for s in shapes:
+        if s.label is None:
+            continue
+        obj = ET.SubElement(root, "object")
+        ET.SubElement(obj, "name").text = CLASSES[s.label]
+        ET.SubElement(obj, "pose").text = "Unspecified"
+        ET.SubElement(obj, "truncated").text = str(int(s.truncated > 0))
+        ET.SubElement(obj, "difficult").text = str(int(s.crowd))
+        box = ET.SubElement(obj, "bndbox")
+        x1, y1, x2, y2 = s.box
+        for tag, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
+            ET.SubElement(box, tag).text = str(value)
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8")
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -242,8 +278,12 @@ def _coco_json(images: list[dict], annotations: list[dict], seed: int) -> bytes:
 
 
 def _write_set(out: Path, seed: int, num_train: int, num_val: int, size: int) -> None:
-    """Write the COCO and KITTI forms under ``out``; KITTI numbers train images first, then val."""
+    """Write the COCO, KITTI and VOC forms under ``out``; KITTI numbers train images first, then
+    val; VOC's ``trainval`` set is the train split and its ``test`` set the val split."""
     (out / "coco" / "annotations").mkdir(parents=True)
+    voc = out / "voc" / "VOCdevkit" / "VOC2007"
+    for folder in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (voc / folder).mkdir(parents=True)
     kitti_images, kitti_labels = (
         out / "kitti" / "training" / "image_2",
         out / "kitti" / "training" / "label_2",
@@ -253,7 +293,7 @@ def _write_set(out: Path, seed: int, num_train: int, num_val: int, size: int) ->
     index = 0
     for split_code, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         (out / "coco" / split).mkdir()
-        images, annotations = [], []
+        images, annotations, names = [], [], []
         for i in range(count):
             rng = np.random.default_rng([seed, split_code, i])
             image, shapes = _image(rng, size)
@@ -264,6 +304,9 @@ def _write_set(out: Path, seed: int, num_train: int, num_val: int, size: int) ->
                 os.link(out / "coco" / split / name, kitti_images / name)
             except OSError:
                 (kitti_images / name).write_bytes(data)
+            names.append(f"{index:06d}")
+            (voc / "JPEGImages" / f"{names[-1]}.jpg").write_bytes(_jpeg(image))
+            (voc / "Annotations" / f"{names[-1]}.xml").write_bytes(_voc_xml(names[-1], shapes, size))
             lines = [_kitti_line(s, size, rng) for s in shapes]
             (kitti_labels / f"{index:06d}.txt").write_text("".join(line + "\n" for line in lines))
             images.append({"id": index + 1, "file_name": name, "width": size, "height": size})
@@ -286,12 +329,14 @@ def _write_set(out: Path, seed: int, num_train: int, num_val: int, size: int) ->
         (out / "coco" / "annotations" / f"instances_{split}.json").write_bytes(
             _coco_json(images, annotations, seed)
         )
+        image_set = "trainval" if split == "train" else "test"
+        (voc / "ImageSets" / "Main" / f"{image_set}.txt").write_text("".join(n + "\n" for n in names))
 
 
 def generate(
     root: Path, seed: int = 0, num_train: int = 512, num_val: int = 128, image_size: int = 128
 ) -> Path:
-    """Write the synthetic set under ``root`` (``coco/`` and ``kitti/``) unless it is already there.
+    """Write the synthetic set under ``root`` (``coco/``, ``kitti/``, ``voc/``) unless it is already there.
 
     The set is built in a sibling temp folder and moved into place with one ``os.replace``, so a
     killed run never leaves a half-written set, and two processes racing on it both end with the

@@ -17,7 +17,7 @@ import pandas as pd
 GROUP = ["detector", "regime", "is_base", "method", "target_kind", "target_rate", "target", "finetune_epochs"]
 FIGURES = [
     "achieved_params_pr", "achieved_flops_pr", "achieved_channels_pr", "params_m", "gmacs", "gflops",
-    "map", "ap50", "ap75", "aps", "apm", "apl", "oneshot_map", "oneshot_ap50",
+    "map", "ap50", "ap75", "aps", "apm", "apl", "voc_ap", "voc_ap11", "oneshot_map", "oneshot_ap50",
     "core_ms_median", "core_ms_p90", "predict_ms_median", "predict_ms_p90", "base_core_ms_median",
     "base_predict_ms_median", "speedup_core", "speedup_core_lo", "speedup_core_hi", "speedup_predict",
     "speedup_predict_lo", "speedup_predict_hi", "efficiency_core",

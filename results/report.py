@@ -20,6 +20,7 @@ from tabulate import tabulate
 from results.aggregate import mark_within_spread as _marks
 from results.aggregate import summarise
 from results.files import write_atomically, write_text
+from results.per_class import write_per_class
 from results.plots import plot_map_vs_pr, plot_map_vs_speedup, plot_recovery, plot_trajectory, trajectories
 from results.store import COLUMN_NAMES, COLUMNS
 
@@ -39,7 +40,7 @@ CSV_COLUMNS = [
     "detector", "regime", "method", "target", "target_kind", "target_rate", "seed", "input_size",
     "metric", "finetune_epochs", "achieved_params_pr", "achieved_flops_pr", "achieved_channels_pr",
     "params_m", "gmacs", "gflops", "oneshot_map", "oneshot_ap50", "map", "ap50", "ap75", "aps", "apm",
-    "apl", "core_ms_median", "core_ms_p90", "predict_ms_median", "predict_ms_p90",
+    "apl", "voc_ap", "voc_ap11", "core_ms_median", "core_ms_p90", "predict_ms_median", "predict_ms_p90",
     "base_core_ms_median", "base_predict_ms_median", "speedup_core", "speedup_core_lo",
     "speedup_core_hi", "speedup_predict", "speedup_predict_lo", "speedup_predict_hi",
     "efficiency_core", "threads", "cpu", "gpu", "device", "train_seconds", "prune_seconds",
@@ -319,6 +320,7 @@ def write_reports(
         speed_png = Path(f"{stem}_map_vs_speedup.png")
         plot_map_vs_speedup(summary, metric, f"{title}: mAP vs. paired core() speed-up", speed_png)
         written += [md, csv, summary_csv, tex, pr_png, speed_png]
+        written += write_per_class(sub, stem, suite, dataset)
         if len(set(summary["finetune_epochs"].dropna())) > 1:
             recovery_png = Path(f"{stem}_recovery.png")
             plot_recovery(summary, metric, f"{title}: mAP recovery with fine-tuning", recovery_png)

@@ -57,6 +57,11 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("aps", "REAL"),
     ("apm", "REAL"),
     ("apl", "REAL"),
+    # VOC's own AP at IoU 0.5 (DCODP's tables): area (VOC2010+) and 11-point (VOC2007), and
+    # per class as JSON {class: {"ap": ..., "ap11": ...}}; NULL for other datasets
+    ("voc_ap", "REAL"),
+    ("voc_ap11", "REAL"),
+    ("per_class_ap", "TEXT"),
     ("oneshot_map", "REAL"),  # AP@[.5:.95] right after pruning, before any fine-tuning
     ("oneshot_ap50", "REAL"),
     ("finetune_epochs", "INTEGER"),
@@ -93,7 +98,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("created_at", "TEXT"),  # ISO 8601, UTC; filled in by put when absent
 )
 COLUMN_NAMES: tuple[str, ...] = tuple(name for name, _ in COLUMNS)
-JSON_COLUMNS: frozenset[str] = frozenset({"config", "report", "env"})
+JSON_COLUMNS: frozenset[str] = frozenset({"config", "report", "env", "per_class_ap"})
 # A row without these cannot be placed in any table, so the database refuses it too.
 REQUIRED: frozenset[str] = frozenset({"cell_id", "suite", "detector", "dataset", "method"})
 _TYPES: dict[str, str] = dict(COLUMNS)

@@ -1,9 +1,11 @@
-"""mAP with pycocotools' COCOeval on the dataset's own COCO ground truth (DESIGN.md §6)."""
+"""mAP with pycocotools' COCOeval on the dataset's own COCO ground truth (DESIGN.md §6), plus the
+dataset's own metrics where it defines them (VOC: per-class AP at IoU 0.5, 11-point and area)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 from typing import Any
 
@@ -68,4 +70,10 @@ def evaluate(
         predictions = model.predict([im.to(device) for im in images])
         image_ids = [int(t["image_id"]) for t in targets]
         records += to_coco_detections(predictions, image_ids, dataset.category_ids)
-    return coco_metrics(dataset.coco, records)
+    metrics = coco_metrics(dataset.coco, records)
+    extra = getattr(dataset, "extra_metrics", None)
+    if extra is not None:  # VOC: {"voc_ap", "voc_ap11", "per_class": {name: {"ap", "ap11"}}}
+        voc = extra(records)
+        metrics |= {"voc_ap": voc["voc_ap"], "voc_ap11": voc["voc_ap11"]}
+        metrics["per_class_ap"] = json.dumps(voc["per_class"], sort_keys=True)
+    return metrics

@@ -295,11 +295,11 @@ def test_kitti_split_is_deterministic_disjoint_and_80_20(tmp_path):
 
 
 def test_registry_names_and_errors(tmp_path):
-    assert set(DATASETS) == {"synthetic-coco", "synthetic-kitti", "coco", "kitti"}
+    assert set(DATASETS) == {"synthetic-coco", "synthetic-kitti", "synthetic-voc", "coco", "kitti", "voc"}
     with pytest.raises(DatasetError) as exc:
-        build_dataset("voc", "train")
-    assert_one_line(exc, "unknown dataset 'voc'", "synthetic-coco")
-    for name in ("coco", "kitti"):
+        build_dataset("vox", "train")
+    assert_one_line(exc, "unknown dataset 'vox'", "did you mean 'voc'")
+    for name in ("coco", "kitti", "voc"):
         with pytest.raises(DatasetError, match="root"):
             build_dataset(name, "train")
         with pytest.raises(DatasetError, match="not found"):
@@ -367,7 +367,8 @@ def modest(tmp_path_factory) -> Path:
 def test_generator_is_byte_identical_per_seed(tmp_path):
     a, b, c = (generate(tmp_path / n, **{**SMALL, "seed": s}) for n, s in (("a", 0), ("b", 0), ("c", 1)))
     files = digest(a)
-    assert len(files) == 2 + 8 + 8 + 8 + 1  # 2 json, 8 coco png, 8 kitti png + 8 txt, manifest
+    # 2 json, 8 coco png, 8 kitti png + 8 txt, 8 voc jpg + 8 xml + 2 image sets, manifest
+    assert len(files) == 2 + 8 + 8 + 8 + 8 + 8 + 2 + 1
     assert files == digest(b)
     assert files.keys() == digest(c).keys() and files != digest(c)
     before = (a / "coco" / "train" / "000000.png").stat().st_mtime_ns
