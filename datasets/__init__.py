@@ -108,5 +108,8 @@ def build_dataset(name: str, split: str, root: str | Path | None = None, **optio
             root / f"{split}{year}", root / "annotations" / f"instances_{split}{year}.json", transform
         )
     if name == "voc":
-        return VocDetection(root, split, options.get("protocol", "07+12"), transform=transform)
+        protocol = options.get("protocol", "07+12")
+        voc = VocDetection(root, split, protocol, transform=transform)
+        voc.table_name = f"voc-{protocol}"
+        return voc
     return KittiDetection(root, split, transform=transform, **kitti_options)

@@ -58,6 +58,9 @@ class DetectionDataset(Dataset):
     metric: str
     records: list[ImageRecord]
     transform: Transform | None = None
+    # what the result tables call this data when the registry name alone is ambiguous (VOC's
+    # protocols: "voc-07+12" and "voc-12" are different benchmarks); None: the registry name
+    table_name: str | None = None
     _decoded: dict[int, np.ndarray] | None = None  # see keep_decoded
     _decoded_room: int = 0
 

@@ -58,6 +58,10 @@ SIZES: dict[str, dict[str, Any]] = {
     },
 }
 
+# evaluation settings any size takes as an option (torchvision's defaults; DCODP's VOC suite
+# evaluates at score 0.001 and NMS IoU 0.6)
+POSTPROCESS: dict[str, Any] = {"box_score_thresh": 0.05, "box_nms_thresh": 0.5, "box_detections_per_img": 100}
+
 
 def fixed_proposals(count: int, size: int, seed: int = 0) -> Tensor:
     """``count`` seeded xyxy boxes inside a ``size x size`` image, 4..size/2 pixels a side."""
@@ -75,10 +79,10 @@ class FasterRCNNDetector(Detector, FasterRCNN):
     def __init__(self, num_classes: int, size: str = "tiny", input_size: int = 128, **options: Any) -> None:
         if size not in SIZES:
             raise DetectorError(f"unknown size '{size}'; known: {', '.join(SIZES)}")
-        unknown = set(options) - set(SIZES[size])
+        unknown = set(options) - set(SIZES[size]) - set(POSTPROCESS)
         if unknown:
             raise DetectorError(f"faster_rcnn has no option(s) {', '.join(sorted(unknown))}")
-        cfg = {**SIZES[size], **options}
+        cfg = {**SIZES[size], **POSTPROCESS, **options}
         body = resnet_body(cfg["depth"], cfg["width"])
         stages = [body.layer1, body.layer2, body.layer3, body.layer4]
         in_channels = [_out_channels(stage) for stage in stages]
@@ -104,8 +108,9 @@ class FasterRCNNDetector(Detector, FasterRCNN):
             rpn_pre_nms_top_n_test=cfg["rpn_pre_nms_top_n_test"],
             rpn_post_nms_top_n_test=cfg["rpn_post_nms_top_n_test"],
             box_batch_size_per_image=cfg["box_batch_size_per_image"],
-            box_score_thresh=0.05,
-            box_detections_per_img=100,
+            box_score_thresh=cfg["box_score_thresh"],
+            box_nms_thresh=cfg["box_nms_thresh"],
+            box_detections_per_img=cfg["box_detections_per_img"],
         )
         self.input_size = input_size
         self.proposals = cfg["rpn_post_nms_top_n_test"]

@@ -42,7 +42,7 @@ class Schedule:
     epochs: int = 12
     batch_size: int = 16
     lr: float = 0.01
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD's momentum; AdamW's beta1 (Ultralytics' reading: DCODP's 0.937)
     weight_decay: float = 1e-4
     warmup_iters: int = 100
     clip_grad_norm: float = 10.0
@@ -155,7 +155,11 @@ def _optimizer(model: Detector, schedule: Schedule) -> torch.optim.Optimizer:
         )
     if schedule.optimizer == "adamw":
         return torch.optim.AdamW(
-            model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay, foreach=True
+            model.parameters(),
+            lr=schedule.lr,
+            betas=(schedule.momentum, 0.999),  # 0.9 by default: torch's own default beta1
+            weight_decay=schedule.weight_decay,
+            foreach=True,
         )
     raise ValueError(f"unknown optimizer '{schedule.optimizer}': use 'sgd' or 'adamw'")
 

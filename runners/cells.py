@@ -191,7 +191,7 @@ class Runner:
             "cell_id": cell.cell_id,
             "suite": cell.suite,
             "detector": f"{cell.experiment.detector}-{cell.experiment.size}",
-            "dataset": cell.experiment.dataset,
+            "dataset": val_set.table_name or cell.experiment.dataset,
             "method": cell.method,
             "target": cell.target,
             "target_kind": target.kind if target else "",

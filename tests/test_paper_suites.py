@@ -1,9 +1,15 @@
-"""The KITTI and COCO paper suites: the paper's grid and training, and a fast, named failure without data."""
+"""The paper suites (LDT's KITTI and COCO, DCODP's VOC and COCO, torchvision's COCO files): the
+paper's grid and training, a tox environment each, and a fast, named failure without data."""
 
 from __future__ import annotations
 
+import configparser
+import re
+from pathlib import Path
+
 import pytest
 
+from methods import method_names
 from runners.cli import main
 from runners.suite import SuiteError, load_suite, parse_override
 
@@ -59,7 +65,14 @@ def test_overrides_reach_every_experiment() -> None:
 
 
 @pytest.mark.parametrize(
-    ("suite", "variable"), [("kitti", "KITTI_ROOT"), ("coco", "COCO_ROOT"), ("tv_coco", "COCO_ROOT")]
+    ("suite", "variable"),
+    [
+        ("kitti", "KITTI_ROOT"),
+        ("coco", "COCO_ROOT"),
+        ("tv_coco", "COCO_ROOT"),
+        ("voc", "VOC_ROOT"),
+        ("coco_dcodp", "COCO_ROOT"),
+    ],
 )
 def test_missing_data_fails_at_once_naming_the_path(suite, variable, monkeypatch, tmp_path, capsys) -> None:
     args = ["run", suite, "--results-dir", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w")]
@@ -103,3 +116,49 @@ def test_tv_coco_names_torchvisions_published_files_and_evaluates_as_torchvision
         else:
             assert (options["min_size"], options["max_size"], plan.input_size) == (800, 1333, 800)
     assert suite.evaluate["batch_size"] == 1
+
+
+def test_dcodp_suites_are_its_tables() -> None:
+    voc, coco = load_suite("voc"), load_suite("coco_dcodp")
+    for suite, epochs in ((voc, 100), (coco, 150)):
+        assert {(p.experiment.detector, p.experiment.size) for p in suite.experiments} == {
+            ("yolov7", "base"),
+            ("yolov8", "s"),
+            ("faster_rcnn", "r50"),
+        }
+        for plan in suite.experiments:
+            assert plan.targets == ["channels:0.2", "channels:0.5", "channels:0.7"]
+            assert plan.input_size == 640 and plan.train.epochs == epochs and plan.finetune.epochs == 20
+            for s in (plan.train, plan.finetune):
+                assert (s.optimizer, s.lr, s.momentum, s.weight_decay) == ("adamw", 0.001, 0.937, 5e-4)
+            options = plan.experiment.detector_options
+            score, nms = (
+                ("box_score_thresh", "box_nms_thresh")
+                if "rcnn" in plan.experiment.detector
+                else (
+                    "score_thresh",
+                    "nms_thresh",
+                )
+            )
+            assert (options[score], options[nms]) == (0.001, 0.6)
+            assert set(plan.methods) == set(method_names())
+    # Table 1 on the 07+12 protocol (tested on VOC2007), Table 2 on VOC2012's val
+    protocols = sorted(p.experiment.data["protocol"] for p in voc.experiments)
+    assert protocols == ["07+12"] * 3 + ["12"] * 3
+    assert {p.experiment.dataset for p in coco.experiments} == {"coco"}
+
+
+def test_every_paper_suite_is_a_tox_environment() -> None:
+    """`tox -e <suite>` runs `detprune run <suite>` for each paper suite, passing its data variables."""
+    ini = configparser.ConfigParser(interpolation=None)
+    ini.read(Path(__file__).parents[1] / "tox.ini")
+    envs: dict[str, configparser.SectionProxy] = {}
+    for section in ini.sections():
+        match = re.fullmatch(r"testenv:\{(.+)\}", section)
+        if match:
+            envs |= dict.fromkeys(match.group(1).split(","), ini[section])
+    assert {"kitti", "coco", "voc", "coco_dcodp", "tv_coco", "ldt_ablation", "px_ablation"} <= set(envs)
+    for name, env in envs.items():
+        load_suite(name)  # a packaged suite of that name
+        assert "detprune run {env_name} {posargs}" in env["commands"]
+        assert "*_ROOT" in env["pass_env"] and "TV_WEIGHTS" in env["pass_env"]
