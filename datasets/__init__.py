@@ -16,8 +16,7 @@ from typing import Any
 from datasets.base import DatasetError, DetectionDataset, ImageRecord
 from datasets.coco import CocoDetection
 from datasets.kitti import KittiDetection
-from datasets.synthetic import CLASSES as SYNTHETIC_CLASSES
-from datasets.synthetic import generate
+from datasets.synthetic import VOC_NAMES, generate
 from datasets.voc import VocDetection
 
 DATASETS: tuple[str, ...] = ("synthetic-coco", "synthetic-kitti", "synthetic-voc", "coco", "kitti", "voc")
@@ -94,7 +93,7 @@ def build_dataset(name: str, split: str, root: str | Path | None = None, **optio
             coco = data / "coco"
             return CocoDetection(coco / split, coco / "annotations" / f"instances_{split}.json", transform)
         if name == "synthetic-voc":
-            return VocDetection(data / "voc" / "VOCdevkit", split, "07", SYNTHETIC_CLASSES, transform)
+            return VocDetection(data / "voc" / "VOCdevkit", split, "07", VOC_NAMES, transform)
         return KittiDetection(data / "kitti", split, transform=transform, **kitti_options)
 
     if root is None:

@@ -39,6 +39,7 @@ GENERATOR_VERSION = 2  # bump when the content changes: part of what a cached ba
 CLASSES = ("car", "pedestrian", "cyclist")
 CATEGORY_IDS = (2, 5, 7)  # non-contiguous on purpose, so the id <-> label mapping is exercised
 KITTI_TYPES = ("Car", "Pedestrian", "Cyclist")
+VOC_NAMES = ("car", "person", "bicycle")  # VOC's names of the three: the real `voc` loader reads it
 MANIFEST = "synthetic.json"
 
 EMPTY_FRACTION = 0.06  # images with no object at all
@@ -108,7 +109,7 @@ def _voc_xml(name: str, shapes: list[_Shape], size: int) -> bytes:
         if s.label is None:
             continue
         obj = ET.SubElement(root, "object")
-        ET.SubElement(obj, "name").text = CLASSES[s.label]
+        ET.SubElement(obj, "name").text = VOC_NAMES[s.label]
         ET.SubElement(obj, "pose").text = "Unspecified"
         ET.SubElement(obj, "truncated").text = str(int(s.truncated > 0))
         ET.SubElement(obj, "difficult").text = str(int(s.crowd))

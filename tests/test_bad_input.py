@@ -55,7 +55,9 @@ def suite(top: str = "", train: str = "", detector: str = "fcos", dataset: str =
     def argv(paths: dict[str, Path]) -> list[str]:
         text = SUITE.format(top=top, train=train, detector=detector, dataset=dataset, experiment=experiment,
                             methods=methods, targets=targets, input_size=input_size)  # fmt: skip
-        paths["suite"].write_text(text.replace("$COCO", str(paths["coco"])))
+        paths["suite"].write_text(
+            text.replace("$COCO", str(paths["coco"])).replace("$VOC", str(paths["voc"]))
+        )
         return ["run", str(paths["suite"]), *_dirs(paths), *(extra or [])]
 
     return argv
@@ -92,6 +94,22 @@ def _unknown_category(data: dict) -> None:
 
 
 COCO = suite(dataset="coco", experiment='data = { root = "$COCO" }')
+VOC = suite(dataset="voc", experiment='data = { root = "$VOC", protocol = "07" }')
+VOC_XML = "VOC2007/Annotations/000002.xml"  # the generated set's VOC copy, read as real VOC
+
+
+def voc_xml(*edits: tuple[str, str]) -> Callable[[dict[str, Path]], None]:
+    """Replace, once each, ``old`` by ``new`` in a train image's VOC annotation."""
+
+    def prepare(paths: dict[str, Path]) -> None:
+        xml = paths["voc"] / VOC_XML
+        text = xml.read_text()
+        for old, new in edits:
+            assert old in text
+            text = text.replace(old, new, 1)
+        xml.write_text(text)
+
+    return prepare
 
 
 def prune(*extra: str, checkpoint: str = "fcos") -> Callable[[dict[str, Path]], list[str]]:
@@ -157,6 +175,11 @@ CASES = [
     Case("prune: checkpoint of another class count", prune(checkpoint="fcos5"), ["fcos5.pt", "predicts 5 classes", "synthetic-coco has 3"]),
     Case("prune: state_dict of another detector", prune("--detector", "fcos", checkpoint="yolox_sd"), ["yolox_sd.pt", "does not fit fcos-tiny", "looks like a 'yolox'"]),
     Case("prune: state_dict of another class count", prune("--detector", "fcos", checkpoint="fcos5_sd"), ["fcos5_sd.pt", "is [5", "in the file", "[3"]),
+    Case("voc bndbox missing", VOC, [VOC_XML, "has no <bndbox>"], voc_xml(("<bndbox>", "<box>"), ("</bndbox>", "</box>"))),
+    Case("voc coordinate not a number", VOC, [VOC_XML, "<xmin> is not a number"], voc_xml(("<xmin>", "<xmin>x"))),
+    Case("voc unknown class", VOC, [VOC_XML, "unknown class 'x-"], voc_xml(("<name>", "<name>x-"))),
+    Case("voc image missing", VOC, ["000002.jpg", "not found"], lambda p: (p["voc"] / "VOC2007/JPEGImages/000002.jpg").unlink()),
+    Case("voc root missing", suite(dataset="voc", experiment='data = { root = "/no/such/VOCdevkit" }'), ["/no/such/VOCdevkit"]),
     # the report that opened issue 16: torchvision's FCOS file given as detprune's own FCOS-R50
     Case("prune: torchvision's state_dict as ours", prune("--detector", "fcos", "--size", "r50", checkpoint="tv_fcos_sd"), ["tv_fcos_sd.pt", "does not fit fcos-r50", "no 'backbone.body.stem.0.weight'", "looks like a 'tv:fcos_resnet50_fpn'"]),
     Case("prune: checkpoint changed after it was written", prune(), ["fcos.pt", "checksum mismatch"], _corrupt_checkpoint),
@@ -182,7 +205,7 @@ def shared(tmp_path_factory) -> dict[str, Path]:
     torch.save(build_detector("fcos", 5, "tiny", 64).state_dict(), root / "fcos5_sd.pt")
     torch.save(build_detector("tv:fcos_resnet50_fpn", 3, None, 64).state_dict(), root / "tv_fcos_sd.pt")
     (root / "notes.pt").write_text("not weights")
-    return {"root": root, "coco": coco}
+    return {"root": root, "coco": coco, "voc": data / "voc" / "VOCdevkit"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -191,8 +214,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case: Case, shared, tmp
     monkeypatch.setenv("DETPRUNE_HOME", str(shared["root"] / "home"))
     monkeypatch.delenv("NO_SUCH_VAR_X", raising=False)
     paths = {"suite": tmp_path / "bad.toml", "results": tmp_path / "results", "work": tmp_path / "work",
-             "out": tmp_path / "pruned.pt", "coco": tmp_path / "coco"}  # fmt: skip
+             "out": tmp_path / "pruned.pt", "coco": tmp_path / "coco", "voc": tmp_path / "VOCdevkit"}  # fmt: skip
     shutil.copytree(shared["coco"], paths["coco"])
+    shutil.copytree(shared["voc"], paths["voc"])
     for name in ("fcos", "fcos5", "yolox_sd", "fcos5_sd", "notes"):
         paths[name] = tmp_path / f"{name}.pt"
         shutil.copy(shared["root"] / f"{name}.pt", paths[name])
