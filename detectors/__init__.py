@@ -1,6 +1,6 @@
 """Detectors behind one contract; importing the package registers every family."""
 
-from . import faster_rcnn, fcos, gfl, torchvision_models, yolof, yolox  # noqa: F401  (each registers)
+from . import faster_rcnn, fcos, gfl, torchvision_models, yolof, yolov7, yolov8, yolox  # noqa: F401  (each registers)
 from .base import (
     Detector,
     DetectorError,

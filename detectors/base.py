@@ -59,6 +59,12 @@ class Detector(nn.Module):
         """Layers whose output channels are fixed by the task (class/box predictors)."""
         return []
 
+    def deployed(self) -> Detector:
+        """The form to time: the model itself, or an eval-mode copy folded for inference with the
+        same outputs (YOLOv7's RepConv branches summed into one conv). Latency is measured on it;
+        parameters, GMACs and pruning see the training-time form."""
+        return self
+
     def set_epoch(self, epoch: int, epochs: int) -> None:
         """Called by the trainer before each epoch: for losses that switch on late (YOLOX's L1)."""
 

@@ -43,8 +43,9 @@ def median_p90(times: list[float]) -> tuple[float, float]:
 
 @torch.inference_mode()
 def latency(model: Detector, image: Tensor, warmup: int = 3, rounds: int = 20) -> dict[str, float]:
-    """``core`` on the fixed-size example and end-to-end ``predict`` on one real image, batch 1."""
-    model.eval()
+    """``core`` on the fixed-size example and end-to-end ``predict`` on one real image, batch 1,
+    of the model's deployed form (``Detector.deployed``)."""
+    model = model.eval().deployed()
     device = next(model.parameters()).device
     x = model.example_input()
     image = image.to(device)
@@ -96,9 +97,9 @@ def paired_latency(
     base: Detector, pruned: Detector, image: Tensor, warmup: int = 3, rounds: int = 20
 ) -> dict[str, float]:
     """``pruned`` timed against ``base`` (``core`` on the fixed-size example, ``predict`` on one
-    real image, batch 1): its own medians, the base's, and the speed-ups with their intervals."""
-    base.eval()
-    pruned.eval()
+    real image, batch 1): its own medians, the base's, and the speed-ups with their intervals.
+    Both in their deployed form (``Detector.deployed``)."""
+    base, pruned = base.eval().deployed(), pruned.eval().deployed()
     device = next(pruned.parameters()).device
     x, image = pruned.example_input(), image.to(device)
     out: dict[str, float] = {}

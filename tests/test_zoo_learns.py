@@ -19,7 +19,9 @@ from runners.suite import load_suite
 @pytest.mark.slow
 def test_every_tiny_detector_reaches_ap50_half(tmp_path) -> None:
     suite = load_suite("zoo")
-    assert {p.experiment.detector for p in suite.experiments} == set(detector_names())
+    # torchvision's models have one, full size: not this suite's (test_torchvision_suite.py trains them)
+    tiny = {name for name in detector_names() if not name.startswith("tv:")}
+    assert {p.experiment.detector for p in suite.experiments} == tiny
     Runner(suite, tmp_path / "results", tmp_path / "work", progress=False).run()
     frame = ResultStore(tmp_path / "results" / "zoo" / "results.sqlite").frame("zoo")
     ap50 = dict(zip(frame["detector"], frame["ap50"], strict=True))
