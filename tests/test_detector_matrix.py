@@ -43,6 +43,10 @@ TV_OPTIONS = {
 # they run with -m slow; the default run prunes torchvision's models in test_torchvision_suite.py
 # and test_torchvision_detectors.py (FCOS's GroupNorm groups)
 FAST_TV: set[tuple[str, str]] = set()
+# the YOLOv7/YOLOv8 cells of the three slowest criteria (3 to 8 s each on the 2-core AMD EPYC)
+# also run with -m slow, to keep `tox -e py` under 10 minutes; their C2f / ELAN coupling tests
+# prune both by default
+SLOW_YOLO = {(d, m) for d in ("yolov7", "yolov8") for m in ("groupfisher", "chip", "dcodp")}
 
 
 def _cells() -> list:
@@ -50,6 +54,7 @@ def _cells() -> list:
     for detector in detector_names():
         for method in method_names():
             slow = detector.startswith("tv:") and (detector, method) not in FAST_TV
+            slow = slow or (detector, method) in SLOW_YOLO
             marks = [pytest.mark.slow] if slow else []
             cells.append(pytest.param(detector, method, marks=marks, id=f"{detector}-{method}"))
     return cells
