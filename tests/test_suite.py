@@ -84,7 +84,7 @@ def test_training_readings_get_one_baseline_each(tmp_path: Path) -> None:
         ('bogus = 1\n[[experiments]]\ndetector = "fcos"\ndataset = "synthetic-coco"\n', "unknown key"),
         ('[train]\nepochs = 1\nspeed = 2\n[[experiments]]\ndetector = "fcos"\ndataset = "coco"\n', "speed"),
         ('[[experiments]]\ndetector = "yolo"\ndataset = "synthetic-coco"\n', "unknown detector 'yolo'"),
-        ('[[experiments]]\ndetector = "fcos"\ndataset = "voc"\n', "unknown dataset 'voc'"),
+        ('[[experiments]]\ndetector = "fcos"\ndataset = "pascal"\n', "unknown dataset 'pascal'"),
         ('[[experiments]]\ndetector = "fcos"\n', "names no dataset"),
         ('methods = ["l1"]\n', "no [[experiments]]"),
     ],
