@@ -320,7 +320,7 @@ def write_reports(
         speed_png = Path(f"{stem}_map_vs_speedup.png")
         plot_map_vs_speedup(summary, metric, f"{title}: mAP vs. paired core() speed-up", speed_png)
         written += [md, csv, summary_csv, tex, pr_png, speed_png]
-        written += write_per_class(sub, stem, suite, dataset)
+        written += write_per_class(_ordered(sub), stem, suite, dataset)
         if len(set(summary["finetune_epochs"].dropna())) > 1:
             recovery_png = Path(f"{stem}_recovery.png")
             plot_recovery(summary, metric, f"{title}: mAP recovery with fine-tuning", recovery_png)

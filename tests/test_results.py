@@ -489,3 +489,27 @@ def test_an_unreadable_store_is_one_error(tmp_path: Path) -> None:
     path.write_bytes(b"not sqlite at all" * 64)
     with pytest.raises(store_mod.StoreError, match="results.sqlite"):
         ResultStore(path)
+
+
+def test_per_class_table_follows_the_main_tables_order(tmp_path: Path) -> None:
+    """Rows arrive in store order; DCODP's Tables 1-2 read base first, then method by ratio."""
+    frame = grid_frame()
+    frame["per_class_ap"] = [
+        json.dumps({"car": {"ap": m, "ap11": m}, "person": {"ap": 0.5, "ap11": 0.5}}) for m in frame["map"]
+    ]
+    first = write_reports(frame, tmp_path / "a", "smoke")
+    second = write_reports(frame.sample(frac=1, random_state=5), tmp_path / "b", "smoke")
+    md = (tmp_path / "a" / "coco_per_class.md").read_text()
+    rows = [[c.strip() for c in ln.split("|")[1:4]] for ln in md.splitlines() if ln.startswith("| fcos")]
+    area = rows[: len(rows) // 2]
+    assert [r[1:] for r in area] == [
+        ["base", "-"],
+        ["chip", "params:0.3"],
+        ["chip", "params:0.5"],
+        ["hrank", "params:0.3"],
+        ["hrank", "params:0.5"],
+    ]
+    by_name = {p.name: p.read_bytes() for p in second}
+    assert {p.name: p.read_bytes() for p in first if "per_class" in p.name} == {
+        n: b for n, b in by_name.items() if "per_class" in n
+    }
