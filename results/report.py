@@ -118,6 +118,27 @@ def _method_name(r: Any) -> str:
     return r.method if not r.is_base else "base" if r.regime == "plain" else f"base ({r.regime})"
 
 
+def _write_coco_breakdown(summary: pd.DataFrame, stem: Path, suite: str, dataset: str) -> list[Path]:
+    """``<stem>_coco_ap.md``: COCO's six figures per row, DCODP's Table 3 layout (it reports them
+    for VOC as well); nothing when the rows carry no size breakdown (APs is what COCOeval adds)."""
+    if summary["aps"].isna().all():
+        return []
+    names = ("map", "ap50", "ap75", "aps", "apm", "apl")
+    rows = [
+        [r.detector, _display_method(r), r.target or MISSING, str(r.n)] + [_stat(r, n, 1, 100) for n in names]
+        for r in summary.itertuples(index=False)
+    ]
+    headers = ["Detector", "Method", "Target", "n", "AP", "AP50", "AP75", "APs", "APm", "APl"]
+    path = Path(f"{stem}_coco_ap.md")
+    intro = (
+        f"# {suite} — {dataset}: COCO-style AP (×100)\n\nAP = AP@[.5:.95], AP50/AP75 at IoU 0.5/0.75, "
+        "APs/m/l by object area (pycocotools' COCOeval), after fine-tuning. Means over the group's "
+        "seeds (n), ± their std where seeds disagree."
+    )
+    write_text(path, f"{intro}\n\n{_tabulate(headers, rows, 'pipe')}\n")
+    return [path]
+
+
 def _display_method(r: Any) -> str:
     return f"{_method_name(r)} {FLAG}" if getattr(r, "health", "") else _method_name(r)
 
@@ -321,6 +342,7 @@ def write_reports(
         plot_map_vs_speedup(summary, metric, f"{title}: mAP vs. paired core() speed-up", speed_png)
         written += [md, csv, summary_csv, tex, pr_png, speed_png]
         written += write_per_class(_ordered(sub), stem, suite, dataset)
+        written += _write_coco_breakdown(summary, stem, suite, dataset)
         if len(set(summary["finetune_epochs"].dropna())) > 1:
             recovery_png = Path(f"{stem}_recovery.png")
             plot_recovery(summary, metric, f"{title}: mAP recovery with fine-tuning", recovery_png)

@@ -59,9 +59,16 @@ def _report(suite_arg: str, results_dir: Path, overrides: dict) -> list[Path]:
     store = ResultStore(store_path)
     ids = {c.cell_id for c in suite.cells()}
     frame = store.frame()
-    frame = frame[frame["cell_id"].isin(ids)]
+    matched = frame[frame["cell_id"].isin(ids)]
     failures = store.failures()
     failures = failures[failures["cell_id"].isin(ids)]
+    if matched.empty and failures.empty and not frame.empty:
+        # an override changes every cell's id: a report without the run's --set finds none of them
+        raise SuiteError(
+            f"{store_path} holds {len(frame)} rows, none of them a cell of suite '{suite.name}' as "
+            "configured now; pass the --set overrides the run was given"
+        )
+    frame = matched
     paths = write_reports(frame, out_dir, suite.name, failures)
     for dataset in sorted(frame["dataset"].unique()):
         print(f"\n## {suite.name} / {dataset}\n")

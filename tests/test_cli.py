@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from detectors import build_detector, load_checkpoint, save_checkpoint
+from results import ResultStore
 from runners.cli import main, parse_options
+from tests.test_results import make_row
 
 
 def _error(capsys, argv: list[str]) -> str:
@@ -55,6 +57,15 @@ def test_option_values_are_toml_literals() -> None:
 
 def test_report_without_results(capsys, tmp_path: Path) -> None:
     assert "run it first" in _error(capsys, ["report", "smoke", "--results-dir", str(tmp_path)])
+
+
+def test_report_of_a_store_run_with_other_overrides_says_so(capsys, tmp_path: Path) -> None:
+    """A run's --set changes every cell id; a report without it used to write nothing, silently."""
+    store = ResultStore(tmp_path / "smoke" / "results.sqlite")
+    store.put(make_row("a-cell-of-another-configuration"))
+    err = _error(capsys, ["report", "smoke", "--results-dir", str(tmp_path)])
+    assert "holds 1 rows" in err and "--set" in err
+    assert sorted(p.name for p in (tmp_path / "smoke").iterdir()) == ["results.sqlite"]
 
 
 def test_prune_errors_and_success(capsys, tmp_path: Path, monkeypatch) -> None:

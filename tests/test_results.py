@@ -263,7 +263,7 @@ def table_lines(md: str) -> list[list[str]]:
 def test_write_reports_files_and_order(tmp_path: Path) -> None:
     paths = write_reports(grid_frame(), tmp_path / "smoke", "smoke")
     names = sorted(p.name for p in paths)
-    suffixes = (".csv", ".md", ".tex", "_map_vs_pr.png", "_map_vs_speedup.png", "_summary.csv")
+    suffixes = (".csv", ".md", ".tex", "_map_vs_pr.png", "_map_vs_speedup.png", "_summary.csv", "_coco_ap.md")
     assert names == sorted(f"{d}{s}" for d in ("coco", "kitti") for s in suffixes)
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths if p.suffix == ".png")
@@ -513,3 +513,17 @@ def test_per_class_table_follows_the_main_tables_order(tmp_path: Path) -> None:
     assert {p.name: p.read_bytes() for p in first if "per_class" in p.name} == {
         n: b for n, b in by_name.items() if "per_class" in n
     }
+
+
+def test_coco_breakdown_has_the_six_figures_of_dcodp_table_3(tmp_path: Path) -> None:
+    frame = grid_frame()
+    frame.loc[frame["dataset"] == "kitti", "aps"] = math.nan  # rows without a size breakdown
+    names = {p.name for p in write_reports(frame, tmp_path, "smoke")}
+    assert "coco_coco_ap.md" in names and "kitti_coco_ap.md" not in names
+    md = (tmp_path / "coco_coco_ap.md").read_text()
+    header = [c.strip() for c in md.splitlines()[4].strip("|").split("|")]
+    assert header[4:] == ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    rows = table_lines(md)
+    assert [r[1:3] for r in rows][:2] == [["base", "-"], ["chip", "params:0.3"]]
+    # chip at 0.3: map = 0.40 - 0.03 - 0.01, ap50 = 0.60 - 0.03 - 0.01, ap75 0.3, aps 0.1
+    assert rows[1][4:8] == ["36.0", "56.0", "30.0", "10.0"]
