@@ -118,7 +118,9 @@ def _method_name(r: Any) -> str:
     return r.method if not r.is_base else "base" if r.regime == "plain" else f"base ({r.regime})"
 
 
-def _write_coco_breakdown(summary: pd.DataFrame, stem: Path, suite: str, dataset: str) -> list[Path]:
+def _write_coco_breakdown(
+    sub: pd.DataFrame, summary: pd.DataFrame, stem: Path, suite: str, dataset: str
+) -> list[Path]:
     """``<stem>_coco_ap.md``: COCO's six figures per row, DCODP's Table 3 layout (it reports them
     for VOC as well); nothing when the rows carry no size breakdown (APs is what COCOeval adds)."""
     if summary["aps"].isna().all():
@@ -130,12 +132,14 @@ def _write_coco_breakdown(summary: pd.DataFrame, stem: Path, suite: str, dataset
     ]
     headers = ["Detector", "Method", "Target", "n", "AP", "AP50", "AP75", "APs", "APm", "APl"]
     path = Path(f"{stem}_coco_ap.md")
+    machine, spread = _machine_and_spread(sub)
     intro = (
-        f"# {suite} — {dataset}: COCO-style AP (×100)\n\nAP = AP@[.5:.95], AP50/AP75 at IoU 0.5/0.75, "
-        "APs/m/l by object area (pycocotools' COCOeval), after fine-tuning. Means over the group's "
-        "seeds (n), ± their std where seeds disagree."
+        "AP = AP@[.5:.95], AP50/AP75 at IoU 0.5/0.75, APs/m/l by object area (pycocotools' COCOeval); "
+        "pruned rows after fine-tuning. One-shot mAP, the paired speed-up and the footnotes of rows "
+        f"marked {FLAG} are in {Path(f'{stem}.md').name}."
     )
-    write_text(path, f"{intro}\n\n{_tabulate(headers, rows, 'pipe')}\n")
+    lines = [f"# {suite} — {dataset}: COCO-style AP (×100)", "", machine, "", intro, "", spread, ""]
+    write_text(path, "\n".join([*lines, _tabulate(headers, rows, "pipe"), ""]))
     return [path]
 
 
@@ -226,11 +230,13 @@ def _distinct(df: pd.DataFrame, column: str) -> str:
     return ", ".join(values) if values else "unknown"
 
 
-def _header_lines(df: pd.DataFrame, suite: str, dataset: str, metric: str) -> list[str]:
+def _machine_and_spread(df: pd.DataFrame) -> tuple[str, str]:
+    """The line naming the machine the rows ran on, and the line saying what the seeds allow."""
     machine = f"Machine: CPU {_distinct(df, 'cpu')}; {_distinct(df, 'threads')} threads; "
     machine += f"device {_distinct(df, 'device')}"
     if _distinct(df, "gpu") != "unknown":
         machine += f"; GPU {_distinct(df, 'gpu')}"
+    machine += f"; input size {_distinct(df, 'input_size')} px, batch 1."
     seeds = _distinct(df, "seed")
     if len(set(df["seed"].dropna())) > 1:
         spread = (
@@ -243,10 +249,15 @@ def _header_lines(df: pd.DataFrame, suite: str, dataset: str, metric: str) -> li
             f"One seed ({seeds}): no spread is known, so no difference between rows is a finding; "
             "run several seeds (the 3-seed reference shows how far one seed's figures move)."
         )
+    return machine, spread
+
+
+def _header_lines(df: pd.DataFrame, suite: str, dataset: str, metric: str) -> list[str]:
+    machine, spread = _machine_and_spread(df)
     return [
         f"# {suite} — {dataset}",
         "",
-        f"{machine}; input size {_distinct(df, 'input_size')} px, batch 1.",
+        machine,
         "",
         f"mAP = {_METRIC_LABEL[metric]} (×100) after fine-tuning; mAP 1-shot = the same right after "
         "pruning, before any fine-tuning (what the criterion chose); AP50 = AP@0.5 (×100). PR% = achieved "
@@ -342,7 +353,7 @@ def write_reports(
         plot_map_vs_speedup(summary, metric, f"{title}: mAP vs. paired core() speed-up", speed_png)
         written += [md, csv, summary_csv, tex, pr_png, speed_png]
         written += write_per_class(_ordered(sub), stem, suite, dataset)
-        written += _write_coco_breakdown(summary, stem, suite, dataset)
+        written += _write_coco_breakdown(sub, summary, stem, suite, dataset)
         if len(set(summary["finetune_epochs"].dropna())) > 1:
             recovery_png = Path(f"{stem}_recovery.png")
             plot_recovery(summary, metric, f"{title}: mAP recovery with fine-tuning", recovery_png)
