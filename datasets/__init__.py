@@ -16,20 +16,23 @@ from typing import Any
 from datasets.base import DatasetError, DetectionDataset, ImageRecord
 from datasets.coco import CocoDetection
 from datasets.kitti import KittiDetection
-from datasets.synthetic import VOC_NAMES, generate
+from datasets.synthetic import GENERATOR_VERSION, VOC_NAMES, generate
 from datasets.voc import VocDetection
 
 DATASETS: tuple[str, ...] = ("synthetic-coco", "synthetic-kitti", "synthetic-voc", "coco", "kitti", "voc")
 SPLITS = ("train", "val")
 _SYNTHETIC_OPTIONS = {"seed": 0, "num_train": 512, "num_val": 128, "image_size": 128}
-_OPTIONS = {
-    "synthetic-coco": {*_SYNTHETIC_OPTIONS, "transform"},
-    "synthetic-kitti": {*_SYNTHETIC_OPTIONS, "split_seed", "val_fraction", "transform"},
-    "synthetic-voc": {*_SYNTHETIC_OPTIONS, "transform"},
-    "coco": {"year", "transform"},
-    "kitti": {"split_seed", "val_fraction", "transform"},
-    "voc": {"protocol", "transform"},
+_KITTI_SPLIT = {"split_seed": 0, "val_fraction": 0.2}
+# every dataset's options with their defaults (``transform`` aside: a callable, no default)
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "synthetic-coco": dict(_SYNTHETIC_OPTIONS),
+    "synthetic-kitti": {**_SYNTHETIC_OPTIONS, **_KITTI_SPLIT},
+    "synthetic-voc": dict(_SYNTHETIC_OPTIONS),
+    "coco": {"year": "2017"},
+    "kitti": dict(_KITTI_SPLIT),
+    "voc": {"protocol": "07+12"},
 }
+_OPTIONS = {name: {*defaults, "transform"} for name, defaults in DEFAULTS.items()}
 
 __all__ = [
     "DATASETS",
@@ -40,6 +43,8 @@ __all__ = [
     "KittiDetection",
     "VocDetection",
     "build_dataset",
+    "data_path",
+    "resolved_options",
     "default_data_dir",
     "synthetic_root",
 ]
@@ -55,6 +60,23 @@ def synthetic_root(cache: str | Path | None = None, **options: Any) -> Path:
     o = {**_SYNTHETIC_OPTIONS, **options}
     name = f"synthetic-s{o['seed']}-n{o['num_train']}-v{o['num_val']}-i{o['image_size']}"
     return Path(cache if cache is not None else default_data_dir()) / name
+
+
+def resolved_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """What a dataset is read with: ``options`` over the defaults, and for a synthetic set the
+    generator's version (part of a cell's identity: a changed default or generator is new data)."""
+    resolved = {**DEFAULTS.get(name, {}), **{k: v for k, v in options.items() if k != "transform"}}
+    if name.startswith("synthetic-"):
+        resolved["generator_version"] = GENERATOR_VERSION
+    return resolved
+
+
+def data_path(name: str, root: str | Path | None, options: dict[str, Any]) -> Path | None:
+    """The folder a dataset reads: the synthetic set's own folder under ``root`` (the cache),
+    or ``root`` for real data."""
+    if name.startswith("synthetic-"):
+        return synthetic_root(root, **{k: v for k, v in options.items() if k in _SYNTHETIC_OPTIONS})
+    return Path(root) if root is not None else None
 
 
 def build_dataset(name: str, split: str, root: str | Path | None = None, **options: Any) -> DetectionDataset:
@@ -81,7 +103,10 @@ def build_dataset(name: str, split: str, root: str | Path | None = None, **optio
             f"unknown option(s) {', '.join(unknown)} for {name!r}{hint}; known: {sorted(_OPTIONS[name])}"
         )
     transform = options.pop("transform", None)
-    kitti_options = {"seed": options.pop("split_seed", 0), "val_fraction": options.pop("val_fraction", 0.2)}
+    kitti_options = {
+        "seed": options.pop("split_seed", _KITTI_SPLIT["split_seed"]),
+        "val_fraction": options.pop("val_fraction", _KITTI_SPLIT["val_fraction"]),
+    }
 
     if name.startswith("synthetic-"):
         params = {**_SYNTHETIC_OPTIONS, **options}
@@ -102,12 +127,12 @@ def build_dataset(name: str, split: str, root: str | Path | None = None, **optio
     if not root.is_dir():
         raise DatasetError(f"{root}: {name} data folder not found")
     if name == "coco":
-        year = options.get("year", "2017")
+        year = options.get("year", DEFAULTS["coco"]["year"])
         return CocoDetection(
             root / f"{split}{year}", root / "annotations" / f"instances_{split}{year}.json", transform
         )
     if name == "voc":
-        protocol = options.get("protocol", "07+12")
+        protocol = options.get("protocol", DEFAULTS["voc"]["protocol"])
         voc = VocDetection(root, split, protocol, transform=transform)
         voc.table_name = f"voc-{protocol}"
         return voc

@@ -406,6 +406,21 @@ def _damage(root: Path, recorded: dict[str, str] | None) -> str | None:
     return None
 
 
+def damage(root: Path) -> str | None:
+    """What is wrong with the synthetic set at ``root`` (missing, no manifest, a file missing or
+    failing its checksum), or None when every file matches (``detprune verify``)."""
+    root = Path(root)
+    if not root.is_dir():
+        return "missing"
+    try:
+        recorded = json.loads((root / MANIFEST).read_text()).get("files")
+    except FileNotFoundError:
+        return f"no {MANIFEST} (not a finished set)"
+    except (OSError, ValueError, AttributeError):
+        return f"unreadable {MANIFEST}"
+    return _damage(root, recorded)
+
+
 def _finished(root: Path, params: dict) -> bool:
     """True when ``root`` holds a finished, intact set made with ``params``; a different set is an
     error. A damaged set (a file changed, truncated or missing) is ours to rebuild: it is moved

@@ -22,6 +22,7 @@ from results.aggregate import summarise
 from results.files import write_atomically, write_text
 from results.per_class import write_per_class
 from results.plots import plot_map_vs_pr, plot_map_vs_speedup, plot_recovery, plot_trajectory, trajectories
+from results.provenance import code_line, machine_line
 from results.store import COLUMN_NAMES, COLUMNS
 
 METRIC_NAMES = {"ap": "AP@[.5:.95]", "ap50": "AP@0.5"}
@@ -44,7 +45,9 @@ CSV_COLUMNS = [
     "base_core_ms_median", "base_predict_ms_median", "speedup_core", "speedup_core_lo",
     "speedup_core_hi", "speedup_predict", "speedup_predict_lo", "speedup_predict_hi",
     "efficiency_core", "threads", "cpu", "gpu", "device", "train_seconds", "prune_seconds",
-    "finetune_seconds", "eval_seconds", "cell_id",
+    "finetune_seconds", "eval_seconds", "cell_id", "created_at", "harness_version", "harness_commit",
+    "harness_dirty", "code_digest", "python", "torch", "torchvision", "torch_pruning", "onnxruntime",
+    "gpu_driver",
 ]  # fmt: skip
 
 
@@ -231,12 +234,9 @@ def _distinct(df: pd.DataFrame, column: str) -> str:
 
 
 def _machine_and_spread(df: pd.DataFrame) -> tuple[str, str]:
-    """The line naming the machine the rows ran on, and the line saying what the seeds allow."""
-    machine = f"Machine: CPU {_distinct(df, 'cpu')}; {_distinct(df, 'threads')} threads; "
-    machine += f"device {_distinct(df, 'device')}"
-    if _distinct(df, "gpu") != "unknown":
-        machine += f"; GPU {_distinct(df, 'gpu')}"
-    machine += f"; input size {_distinct(df, 'input_size')} px, batch 1."
+    """The lines naming the machines and code the rows came from (each with its row count where
+    they are several), and the line saying what the seeds allow."""
+    machine = f"{machine_line(df)}\n\n{code_line(df)}"
     seeds = _distinct(df, "seed")
     if len(set(df["seed"].dropna())) > 1:
         spread = (
@@ -292,7 +292,7 @@ def _safe(name: str) -> str:
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
     out = _ordered(df)[CSV_COLUMNS].copy()
-    for name in ("seed", "input_size", "threads", "finetune_epochs"):
+    for name in ("seed", "input_size", "threads", "finetune_epochs", "harness_dirty"):
         out[name] = out[name].astype("Int64")
     write_atomically(
         path, lambda tmp: out.to_csv(tmp, index=False, float_format="%.10g", lineterminator="\n")

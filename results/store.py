@@ -96,6 +96,20 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("report", "TEXT"),  # JSON
     ("env", "TEXT"),  # JSON
     ("created_at", "TEXT"),  # ISO 8601, UTC; filled in by put when absent
+    # provenance (runners/provenance.py): which code and libraries made the row. NULL in a row
+    # written before rows recorded them (its code is unknown: stale until recomputed)
+    ("harness_version", "TEXT"),  # the installed package's version
+    ("harness_commit", "TEXT"),  # git commit of the checkout, where there is git
+    ("harness_dirty", "INTEGER"),  # 1: the harness packages had uncommitted changes
+    ("code_digest", "TEXT"),  # SHA-256 of the harness packages' sources: "the same code"
+    ("python", "TEXT"),
+    ("torch", "TEXT"),
+    ("torchvision", "TEXT"),
+    ("torch_pruning", "TEXT"),
+    ("onnxruntime", "TEXT"),  # where the row used ONNX Runtime
+    ("gpu_driver", "TEXT"),  # where the row ran on a GPU
+    ("data_path", "TEXT"),  # the data the cell read (a synthetic set's folder: detprune verify)
+    ("legacy_cell_id", "TEXT"),  # the id an earlier id scheme gave the row, where it was re-keyed
 )
 COLUMN_NAMES: tuple[str, ...] = tuple(name for name, _ in COLUMNS)
 JSON_COLUMNS: frozenset[str] = frozenset({"config", "report", "env", "per_class_ap"})
@@ -278,11 +292,45 @@ class ResultStore:
         with closing(self._connect()) as conn:
             return pd.read_sql_query(sql + " ORDER BY created_at, cell_id", conn, params=params)
 
+    def rekey(self, ids: Mapping[str, str]) -> int:
+        """Move rows (and failures) stored under an earlier scheme's id to today's, once: ``ids``
+        maps an old id to the new one. A row whose new id is already stored stays as it is (and
+        out of every table). The moved row keeps its old id in ``legacy_cell_id``; what its env
+        recorded of Python and torch fills those columns. Returns how many rows moved."""
+        moved = 0
+        with closing(self._connect()) as conn, conn:
+            stored = {r[0] for r in conn.execute(f"SELECT cell_id FROM {TABLE}")}
+            for old, new in ids.items():
+                if old == new or old not in stored or new in stored:
+                    continue
+                env = conn.execute(f"SELECT env FROM {TABLE} WHERE cell_id = ?", (old,)).fetchone()[0]
+                env = json.loads(env) if env else {}
+                conn.execute(
+                    f"UPDATE {TABLE} SET cell_id = ?, legacy_cell_id = ?, python = COALESCE(python, ?), "
+                    "torch = COALESCE(torch, ?) WHERE cell_id = ?",
+                    (new, old, env.get("python"), env.get("torch"), old),
+                )
+                stored.add(new)
+                moved += 1
+            failed = {r[0] for r in conn.execute(f"SELECT cell_id FROM {FAILURES}")}
+            for old, new in ids.items():
+                if old != new and old in failed and new not in failed and new not in stored:
+                    conn.execute(f"UPDATE {FAILURES} SET cell_id = ? WHERE cell_id = ?", (new, old))
+        return moved
+
     def has(self, cell_id: str) -> bool:
         """Whether the cell is finished (its row is stored)."""
         with closing(self._connect()) as conn:
             hit = conn.execute(f"SELECT 1 FROM {TABLE} WHERE cell_id = ?", (cell_id,)).fetchone()
         return hit is not None
+
+    def made(self) -> dict[str, dict[str, Any]]:
+        """Every stored row's provenance by cell id: what made it (``code_digest``, commit, dirty)
+        and when (``created_at``)."""
+        cols = ("cell_id", "code_digest", "harness_commit", "harness_dirty", "created_at")
+        with closing(self._connect()) as conn:
+            found = conn.execute(f"SELECT {', '.join(cols)} FROM {TABLE}").fetchall()
+        return {r[0]: dict(zip(cols[1:], r[1:], strict=True)) for r in found}
 
     def get(self, cell_id: str) -> dict[str, Any] | None:
         """One stored row as a dict with the JSON columns decoded, or None."""

@@ -9,7 +9,6 @@ cell and per baseline (``locks.py``). A cell that fails is recorded with its sta
 
 from __future__ import annotations
 
-import datetime as dt
 import gc
 import json
 import multiprocessing as mp
@@ -35,11 +34,12 @@ from methods import PruneContext, Target, build_method
 from methods.training import train
 from results import DuplicateCellError, ResultStore
 
-from . import faults, measure
+from . import faults, measure, provenance
 from .evaluate import evaluate
-from .inputs import check_experiments, default_work_dir, open_datasets
+from .inputs import check_experiments, default_work_dir, experiment_data_path, open_datasets
 from .locks import held, lock_path, remove_stale
 from .prune import prune_and_finetune
+from .recompute import Recompute, now
 from .suite import Cell, Experiment, Suite, load_suite, weights_path
 
 # a failure here leaves no baseline (once saved, it is there: a later failure is the cell's own)
@@ -68,6 +68,7 @@ class Runner:
         device: str = "cpu",
         progress: bool = True,
         retry_failed: bool = True,
+        recompute: Recompute | None = None,
     ) -> None:
         self.suite = suite
         self.out_dir = Path(results_dir) / suite.name
@@ -75,6 +76,7 @@ class Runner:
         self.device = torch.device(device)
         self.progress = progress
         self.retry_failed = retry_failed  # False: leave the cells that failed before (--skip-failed)
+        self.recompute = recompute or Recompute()  # which finished rows and baselines count as done
         self._store: ResultStore | None = None
         self._datasets: dict[str, tuple[DetectionDataset, DetectionDataset]] = {}
         self._score_caches: dict[str, dict] = {}  # per baseline: each method scores it once
@@ -127,7 +129,9 @@ class Runner:
         if path.is_file():
             try:  # the cache is ours: a file without its checksum, or one that fails it, is retrained
                 model, meta = load_checkpoint(path, require_checksum=True)
-                return model.to(self.device), path, meta
+                if self.recompute.keeps(meta.get("provenance")):
+                    return model.to(self.device), path, meta
+                print(f"detprune: retraining the baseline of {cell.label} (--recompute)", file=sys.stderr)
             except DetectorError as exc:
                 print(f"detprune: cached baseline unusable, training it again: {exc}", file=sys.stderr)
         faults.reached("baseline-training")
@@ -155,6 +159,7 @@ class Runner:
             "baseline_key": cell.baseline_key,
             "regime_stats": method.stats() if method is not None else {},
             "health": stats["health"],
+            "provenance": {**provenance.harness(), "created_at": now()},
         }
         save_checkpoint(model, path, meta)
         faults.reached("baseline-saved")
@@ -183,8 +188,9 @@ class Runner:
 
     def _row(self, cell: Cell, values: dict[str, Any]) -> dict[str, Any]:
         values = dict(values)
-        env = measure.environment(self.device) | {"jobs": self.jobs}
+        env = provenance.environment(self.device) | {"jobs": self.jobs}
         env["core_conditions"] = values.pop("core_conditions", {})
+        data = experiment_data_path(cell.experiment, self.work_dir)
         target = Target.parse(cell.target) if cell.target else None
         _, val_set = self.datasets(cell.experiment)
         return {
@@ -206,7 +212,9 @@ class Runner:
             "device": env["device"],
             "config": json.dumps(cell.config(), sort_keys=True),
             "env": json.dumps(env, sort_keys=True),
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "created_at": now(),
+            "data_path": _relative(data) if data is not None else None,
+            **provenance.provenance(self.device),
             **values,
         }
 
@@ -273,22 +281,34 @@ class Runner:
         """Run one cell and store its row. Returns ``"ran"``; ``"done"`` when the store already
         holds it (another run finished it first); ``"held"`` when another run is on it and
         ``wait`` is false; ``"failed"`` when it failed, recorded with its stage and reason."""
-        if self.store.has(cell.cell_id):
+        if self.finished(cell.cell_id):
             return "done"
         with held(lock_path(self.work_dir, "cell", cell.cell_id), wait=wait) as mine:
             if not mine:
                 return "held"
-            if self.store.has(cell.cell_id):
+            if self.finished(cell.cell_id):
                 return "done"
             outcome = self.compute(cell)
             if isinstance(outcome, faults.Failure):
                 self.record(cell, outcome)
                 return "failed"
             faults.reached("store")
-            try:
-                self.store.put(outcome)
-            except DuplicateCellError:
-                return "done"  # a concurrent run (e.g. a killed run's worker) stored it meanwhile
+            return self.store_row(outcome)
+
+    def finished(self, cell_id: str) -> bool:
+        """Whether the store holds the cell's row and this run keeps it (``--recompute``)."""
+        return self.recompute.keeps(self.store.made().get(cell_id))
+
+    def store_row(self, row: dict[str, Any]) -> str:
+        """Store a computed row: ``"ran"``; ``"done"`` when a concurrent run stored it meanwhile.
+        A row this run recomputes replaces the old one (in one transaction)."""
+        old = self.store.made().get(row["cell_id"])
+        if old is not None and self.recompute.keeps(old):
+            return "done"  # a concurrent run (e.g. a killed run's worker) stored it meanwhile
+        try:
+            self.store.put(row, replace=old is not None)
+        except DuplicateCellError:
+            return "done"
         return "ran"
 
     def compute(self, cell: Cell) -> dict[str, Any] | faults.Failure:
@@ -319,10 +339,23 @@ class Runner:
             file=sys.stderr,
         )
 
+    def migrate(self, cells: list[Cell]) -> int:
+        """Rows stored under the previous id scheme take their cells' current ids (once)."""
+        return self.store.rekey({c.legacy_cell_id: c.cell_id for c in cells})
+
     def pending(self, cells: list[Cell]) -> tuple[list[Cell], list[Cell]]:
-        """The cells to run (no row yet), and those left as they are: without ``retry_failed``,
-        the cells whose failure is recorded."""
-        done = self.store.finished_ids()
+        """The cells to run (no row this run keeps), and those left as they are: without
+        ``retry_failed``, the cells whose failure is recorded. Says how many finished rows were
+        computed by other code (stale), and how many rows the previous id scheme's ids moved."""
+        moved = self.migrate(cells)
+        if moved:
+            print(f"detprune: {moved} rows stored under the previous cell ids took today's ids "
+                  "(their code is unknown: they count as stale)", file=sys.stderr)  # fmt: skip
+        made = self.store.made()
+        ids = {c.cell_id for c in cells}
+        for line in provenance.describe_stale([m for i, m in made.items() if i in ids]):
+            print(f"detprune: {line}", file=sys.stderr)
+        done = {i for i, m in made.items() if self.recompute.keeps(m)}
         failed = set(self.store.failures()["cell_id"]) - done if not self.retry_failed else set()
         todo = [c for c in cells if c.cell_id not in done | failed]
         return todo, [c for c in cells if c.cell_id in failed]
@@ -364,6 +397,7 @@ class Runner:
                 str(self.device),
                 jobs,
                 self.suite.overrides,
+                (self.recompute.mode, self.recompute.started_at),
             )
             with ProcessPoolExecutor(
                 jobs, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=(spec, threads)
@@ -412,12 +446,13 @@ def _health(baseline: str | None, finetune: str | None = None) -> str | None:
 _WORKER: Runner | None = None
 
 
-def _init_worker(spec: tuple[str, str, str, str, int, dict[str, Any]], threads: int) -> None:
+def _init_worker(spec: tuple[Any, ...], threads: int) -> None:
     global _WORKER
     torch.set_num_threads(threads)
-    suite_path, results_dir, work_dir, device, jobs, overrides = spec
+    suite_path, results_dir, work_dir, device, jobs, overrides, (mode, started_at) = spec
     suite = load_suite(suite_path, overrides)
-    _WORKER = Runner(suite, Path(results_dir), Path(work_dir), device, progress=False)
+    recompute = Recompute(mode, started_at)
+    _WORKER = Runner(suite, Path(results_dir), Path(work_dir), device, progress=False, recompute=recompute)
     _WORKER.jobs = jobs
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import tomllib
 from pathlib import Path
 
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -28,17 +30,20 @@ from methods.training import Schedule
 from results import (
     ResultStore,
     StoreError,
+    code_line,
     compare,
+    machine_line,
     reference_store,
     render_failures,
     render_table,
     write_reports,
 )
 
-from . import faults, measure
+from . import faults, measure, provenance, verify
 from .cells import Runner
 from .evaluate import evaluate
 from .prune import prune_and_finetune
+from .recompute import MODES, Recompute
 from .suite import SuiteError, load_suite, parse_override, suite_names
 
 USER_ERRORS = (DatasetError, DetectorError, MethodError, SuiteError, StoreError, FileNotFoundError)
@@ -57,7 +62,9 @@ def _report(suite_arg: str, results_dir: Path, overrides: dict) -> list[Path]:
         raise SuiteError(f"no results for suite '{suite.name}' at {store_path}; run it first")
     # a cell is its id (what determines it), whichever suite ran it: smoke-seeds reuses smoke's seed 0
     store = ResultStore(store_path)
-    ids = {c.cell_id for c in suite.cells()}
+    cells = suite.cells()
+    store.rekey({c.legacy_cell_id: c.cell_id for c in cells})  # a store of the previous id scheme
+    ids = {c.cell_id for c in cells}
     frame = store.frame()
     matched = frame[frame["cell_id"].isin(ids)]
     failures = store.failures()
@@ -68,6 +75,7 @@ def _report(suite_arg: str, results_dir: Path, overrides: dict) -> list[Path]:
             f"{store_path} holds {len(frame)} rows, none of them a cell of suite '{suite.name}' as "
             "configured now; pass the --set overrides the run was given"
         )
+    _say_provenance(suite.name, store_path, matched, len(frame) - len(matched))
     frame = matched
     paths = write_reports(frame, out_dir, suite.name, failures)
     for dataset in sorted(frame["dataset"].unique()):
@@ -77,6 +85,25 @@ def _report(suite_arg: str, results_dir: Path, overrides: dict) -> list[Path]:
         print(f"\n## {suite.name}: {len(failures)} failed cells (no row; a rerun retries them)\n")
         print(render_failures(failures))
     return paths
+
+
+def _say_provenance(suite: str, store_path: Path, rows: pd.DataFrame, unmatched: int) -> None:
+    """Which code, libraries and machines the reported rows came from; how many are stale; how
+    many rows of the store are no cell of the suite as configured now (never reused)."""
+    print(f"## {suite}: {len(rows)} rows from\n\n{code_line(rows)}\n{machine_line(rows)}", file=sys.stderr)
+    made = rows.reindex(columns=["code_digest", "harness_commit", "harness_dirty"]).to_dict("records")
+    for line in provenance.describe_stale([{k: _value(v) for k, v in m.items()} for m in made]):
+        print(f"detprune: {line}", file=sys.stderr)
+    if unmatched:
+        print(
+            f"detprune: {unmatched} rows of {store_path} are no cell of suite '{suite}' as configured "
+            "now (another configuration, or an id no scheme here reconstructs): left out of the tables",
+            file=sys.stderr,
+        )
+
+
+def _value(value: object) -> object:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def _device(name: str) -> str:
@@ -107,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.device if ray else _device(args.device),  # under Ray the device is the workers'
         progress=not args.no_progress,
         retry_failed=not args.skip_failed,
+        recompute=Recompute(args.recompute),
     )
     if ray:
         from .ray_executor import run_on_ray  # Ray is an optional extra: imported only when asked for
@@ -146,6 +174,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     for path in _report(args.suite, args.results_dir, _overrides(args)):
         print(f"wrote {path}")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Re-hash every file the store(s) reference; exit 1 if one is missing or fails its checksum."""
+    if args.suite:
+        stores = [Path(args.results_dir) / load_suite(args.suite).name / "results.sqlite"]
+        if not stores[0].is_file():
+            raise SuiteError(f"no results for suite '{args.suite}' at {stores[0]}; run it first")
+    else:
+        stores = sorted(Path(args.results_dir).glob("*/results.sqlite"))
+        if not stores:
+            raise SuiteError(f"no results stores under {args.results_dir}/")
+    bad = 0
+    for path in stores:
+        files = verify.referenced(ResultStore(path).frame())
+        found = verify.problems(files)
+        bad += len(found)
+        print(f"{path}: {len(files)} files referenced, {len(found)} missing or failing their checksum")
+        for file, problem in found:
+            print(f"  {file}: {problem}")
+    return 1 if bad else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -281,6 +330,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--gpus-per-cell", type=float, default=0.0, help="Ray: GPUs each task asks for")
     run.add_argument("--max-retries", type=int, default=2, help="Ray: retries of a task lost with its node")
     run.add_argument(
+        "--recompute",
+        choices=MODES,
+        default="none",
+        help="none: keep every finished cell; stale: redo the rows (and baselines) other code "
+        "computed; all: redo every row and baseline",
+    )
+    run.add_argument(
         "--skip-failed",
         action="store_true",
         help="leave the cells that failed before (by default a rerun retries them)",
@@ -291,6 +347,11 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("suite")
     dirs(rep)
     rep.set_defaults(fn=cmd_report)
+
+    ver = sub.add_parser("verify", help="re-hash the checkpoints and data a store's rows reference")
+    ver.add_argument("suite", nargs="?", default=None, help="one suite (default: every store)")
+    ver.add_argument("--results-dir", type=Path, default=Path("results"), help="where results/<suite>/ lives")
+    ver.set_defaults(fn=cmd_verify)
 
     lst = sub.add_parser("list", help="list methods, detectors, datasets and suites")
     lst.set_defaults(fn=cmd_list)

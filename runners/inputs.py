@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from datasets import build_dataset
+from datasets import build_dataset, data_path
 from datasets.base import DatasetError, DetectionDataset
 from detectors import DetectorError, build_detector, load_weights_file
 
@@ -40,12 +41,23 @@ def data_root(dataset: str, root: str | None) -> Path | None:
     return path
 
 
-def open_datasets(experiment: Experiment, work_dir: Path) -> Pair:
-    """The experiment's train and val splits; the synthetic sets are generated under ``work_dir``."""
+def _root(experiment: Experiment, work_dir: Path) -> tuple[Path | None, dict[str, Any]]:
     options = dict(experiment.data)
     root = data_root(experiment.dataset, options.pop("root", None))
     if experiment.dataset.startswith("synthetic") and root is None:
         root = Path(work_dir) / "data"
+    return root, options
+
+
+def experiment_data_path(experiment: Experiment, work_dir: Path) -> Path | None:
+    """The folder the experiment's data is read from (a synthetic set's own folder)."""
+    root, options = _root(experiment, work_dir)
+    return data_path(experiment.dataset, root, options)
+
+
+def open_datasets(experiment: Experiment, work_dir: Path) -> Pair:
+    """The experiment's train and val splits; the synthetic sets are generated under ``work_dir``."""
+    root, options = _root(experiment, work_dir)
     pair = (
         build_dataset(experiment.dataset, "train", root=root, **options),
         build_dataset(experiment.dataset, "val", root=root, **options),

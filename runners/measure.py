@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -118,26 +117,3 @@ def paired_latency(
 
 def size(model: Detector) -> dict[str, float]:
     return {"params_m": count_params(model) / 1e6, "gmacs": count_gmacs(model)}
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device) -> dict[str, object]:
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return {
-        "threads": torch.get_num_threads(),
-        "cpu": cpu_name(),
-        "gpu": gpu,
-        "device": str(device),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }

@@ -30,11 +30,11 @@ import torch
 from tqdm.auto import tqdm
 
 from detectors.checkpoints import ChecksumError, read_verified, verify, write_verified
-from results import DuplicateCellError
 
 from . import faults
 from .cells import Runner, tally
 from .locks import remove_stale
+from .recompute import Recompute
 from .suite import Cell, SuiteError, load_suite
 
 INSTALL = "pip install 'detprune[ray]'"
@@ -60,9 +60,9 @@ def _runner(spec: str) -> tuple[Runner, dict[str, Cell]]:
         path = Path(tempfile.mkdtemp(prefix="detprune-suite-")) / s["suite_file"]
         path.write_text(s["suite_text"])
         torch.set_num_threads(s["threads"])
-        runner = Runner(
-            load_suite(path, s["overrides"]), Path(s["results"]), Path(s["work"]), s["device"], False
-        )
+        suite = load_suite(path, s["overrides"])
+        recompute = Recompute(*s["recompute"])
+        runner = Runner(suite, Path(s["results"]), Path(s["work"]), s["device"], False, recompute=recompute)
         runner.jobs = s["jobs"]
         _RUNNERS[spec] = runner, {c.cell_id: c for c in runner.suite.cells()}
     return _RUNNERS[spec]
@@ -162,6 +162,7 @@ def _spec(runner: Runner, cpus_per_cell: float, gpus_per_cell: float) -> str:
             "device": device,
             "threads": max(1, int(cpus_per_cell)),
             "jobs": runner.jobs,
+            "recompute": [runner.recompute.mode, runner.recompute.started_at],
         },
         sort_keys=True,
     )
@@ -224,8 +225,4 @@ def _store(runner: Runner, cell: Cell, outcome: dict[str, Any]) -> str:
     if outcome["status"] == "failed":
         runner.record(cell, faults.Failure(**outcome["failure"]))
         return "failed"
-    try:
-        runner.store.put(outcome["row"])
-    except DuplicateCellError:
-        return "done"
-    return "ran"
+    return runner.store_row(outcome["row"])

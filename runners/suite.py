@@ -1,7 +1,8 @@
 """Suite files (TOML) -> cells (DESIGN.md §3).
 
 A cell is (experiment, method, target, seed) plus the schedules that shape it; its id is a hash
-of all of that, so a finished cell is recognised on rerun and a changed suite gets new cells.
+of all of that with every default filled in (``identity.py``), so a finished cell is recognised
+on rerun, and a changed suite or a changed default gets new cells.
 Each (experiment, seed, regime) also yields one ``base`` cell: the unpruned baseline's row.
 """
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 import difflib
 import functools
 import hashlib
-import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ from detectors import default_size, detector_names
 from methods import PRUNE_DEFAULTS, MethodError, Target, build_method
 from methods.training import Schedule
 
+from . import identity
 from .suite_keys import (
     EVALUATE_DEFAULTS,
     EXPERIMENT_KEYS,
@@ -66,7 +67,7 @@ def weights_digest(weights: str) -> str:
 
 
 def _hash(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return identity.digest(payload)
 
 
 @dataclass(frozen=True)
@@ -104,30 +105,72 @@ class Cell:
     method_options: dict[str, Any] = field(default_factory=dict)
     regime_options: dict[str, Any] = field(default_factory=dict)
 
+    def _weights(self) -> dict[str, str]:
+        # the file's contents, not just its name: replaced weights are a new baseline
+        if not self.experiment.weights:
+            return {}
+        return {"weights_sha256": weights_digest(self.experiment.weights)}
+
     @property
     def baseline_key(self) -> str:
-        """What determines a trained baseline: not the method, target, or fine-tuning."""
+        """What determines a trained baseline, resolved (``identity.py``): not the method,
+        target, or fine-tuning."""
+        exp = self.experiment
         return _hash(
+            {
+                "id_scheme": identity.ID_SCHEME,
+                "detector": identity.resolved_detector(
+                    exp.detector, exp.size, self.input_size, exp.detector_options
+                ),
+                "dataset": identity.resolved_dataset(exp.dataset, exp.data),
+                **({"weights": exp.weights} if exp.weights else {}),
+                "seed": self.seed,
+                "regime": self.regime,
+                "train": self.train.to_dict(),
+                # a regime other than plain trains with that method's loss and these (resolved) options
+                "regime_options": self.regime_options,
+                **self._weights(),
+            }
+        )
+
+    def config(self) -> dict[str, Any]:
+        """The cell's resolved configuration: what its row was computed with."""
+        cfg = {
+            "baseline": self.baseline_key,
+            "method": self.method,
+            "target": self.target,
+            "measure": self.measure,
+            "evaluate": self.evaluate,
+        }
+        if self.method != "base":
+            cfg |= {
+                "method_resolved": identity.resolved_method(self.method, self.method_options),
+                "finetune": self.finetune.to_dict(),
+                "prune": self.prune,
+            }
+        return cfg
+
+    @property
+    def cell_id(self) -> str:
+        return _hash(self.config())
+
+    @property
+    def legacy_cell_id(self) -> str:
+        """The id the previous scheme gave this cell (a hash of the *written* options), by which
+        a store written before resolution finds its rows once (``results.store.rekey``)."""
+        baseline = _hash(
             {
                 "experiment": self.experiment.to_dict(),
                 "seed": self.seed,
                 "regime": self.regime,
                 "input_size": self.input_size,
                 "train": self.train.to_dict(),
-                # a regime other than plain trains with that method's loss and these options
                 "regime_options": self.regime_options,
-                # the file's contents, not just its name: replaced weights are a new baseline
-                **(
-                    {"weights_sha256": weights_digest(self.experiment.weights)}
-                    if self.experiment.weights
-                    else {}
-                ),
+                **self._weights(),
             }
         )
-
-    def config(self) -> dict[str, Any]:
         cfg = {
-            "baseline": self.baseline_key,
+            "baseline": baseline,
             "method": self.method,
             "method_options": self.method_options,
             "target": self.target,
@@ -136,11 +179,7 @@ class Cell:
         }
         if self.method != "base":
             cfg |= {"finetune": self.finetune.to_dict(), "prune": self.prune}
-        return cfg
-
-    @property
-    def cell_id(self) -> str:
-        return _hash(self.config())
+        return _hash(cfg)
 
     @property
     def label(self) -> str:

@@ -54,7 +54,7 @@ def make_row(cell_id: str = "c1", **over: object) -> dict:
 
 def test_schema_is_defined_once() -> None:
     names = [n for n, _ in COLUMNS]
-    assert names[0] == "cell_id" and len(names) == len(set(names)) == 57
+    assert names[0] == "cell_id" and len(names) == len(set(names)) == 69
     assert {t for _, t in COLUMNS} == {"TEXT", "REAL", "INTEGER"}
 
 
@@ -330,9 +330,10 @@ def test_regenerating_is_byte_identical(tmp_path: Path) -> None:
 
 def test_reports_from_store_round_trip(tmp_path: Path) -> None:
     store = ResultStore(tmp_path / "results")
-    for row in grid_frame().to_dict("records"):
+    frame = grid_frame().assign(created_at="2026-12-04T00:00:00+00:00")  # else put stamps it
+    for row in frame.to_dict("records"):
         store.put({k: v for k, v in row.items() if not (isinstance(v, float) and v != v)})
-    direct = write_reports(grid_frame(), tmp_path / "direct", "smoke")
+    direct = write_reports(frame, tmp_path / "direct", "smoke")
     stored = write_reports(store.frame("smoke"), tmp_path / "stored", "smoke")
     for a, b in zip(direct, stored, strict=True):
         if a.suffix in (".md", ".csv"):

@@ -1,0 +1,107 @@
+"""A cell's identity is what ran: its configuration with every default filled in (DESIGN.md §8).
+
+A suite file says only what it changes; the method, the detector, the dataset, the schedules and
+the pruning knobs fill in the rest from their defaults. Hashing the written options alone let a
+changed default keep every old row as "finished" (LDT's ``head`` default: 28 rows deleted by
+hand). So the id hashes the *resolved* configuration:
+
+* the method's options merged over its defaults, with the schedule it declares (scope, rounds,
+  channels per round, training iterations, regime);
+* the detector's name, size, input size and options, and a fingerprint of the network they
+  build: its module tree (every layer's hyperparameters) and every plain setting its modules
+  hold (thresholds, strides, gains stored on the model), so a changed detector default changes
+  exactly that detector's cells;
+* the dataset's options over its defaults (and the synthetic generator's version);
+* the training, fine-tuning, pruning, evaluation and measurement settings, defaults included
+  (``Schedule`` and the suite tables already resolve them).
+
+Code that changes without changing any setting is not in the id: such rows are *stale*, which the
+provenance columns find (``runners/provenance.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from typing import Any
+
+import torch
+from torch import nn
+
+from datasets import resolved_options
+from detectors import build_detector
+from methods import build_method
+
+ID_SCHEME = 2  # 1: the written options (before resolution); 2: the resolved configuration
+# nn.Module's own bookkeeping, not a setting of the network
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_SKIP = object()
+_FINGERPRINT_CLASSES = 80  # any count builds the same network but its predictors' widths
+
+
+def digest(payload: Any) -> str:
+    """16 hex digits of SHA-256 over ``payload`` as sorted JSON."""
+    text = json.dumps(payload, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` if it is a plain setting (numbers, text, lists and string-keyed tables of them),
+    else ``_SKIP`` (tensors, callables, modules: weights and wiring are not settings)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        items = [_plain(v) for v in value]
+        return _SKIP if any(v is _SKIP for v in items) else items
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        items = {k: _plain(v) for k, v in value.items()}
+        return {k: v for k, v in items.items() if v is not _SKIP}
+    return _SKIP
+
+
+def network_settings(model: nn.Module) -> dict[str, Any]:
+    """Every module's plain attributes, by module name (what its constructor resolved)."""
+    found = {}
+    for name, module in model.named_modules():
+        values = {k: _plain(v) for k, v in vars(module).items() if k not in _MODULE_INTERNALS}
+        found[name] = {k: v for k, v in values.items() if v is not _SKIP}
+    return found
+
+
+@functools.cache
+def detector_fingerprint(name: str, size: str, input_size: int, options_json: str) -> str:
+    """A digest of the network ``build_detector`` makes: its module tree and its settings.
+    Built once per process per configuration, on a forked RNG (ids never move the seed)."""
+    with torch.random.fork_rng(devices=[]):
+        model = build_detector(name, _FINGERPRINT_CLASSES, size, input_size, **json.loads(options_json))
+    return digest({"modules": repr(model), "settings": network_settings(model)})
+
+
+def resolved_detector(name: str, size: str, input_size: int, options: dict[str, Any]) -> dict[str, Any]:
+    options_json = json.dumps(options, sort_keys=True)
+    return {
+        "name": name,
+        "size": size,
+        "input_size": input_size,
+        "options": dict(options),
+        "network": detector_fingerprint(name, size, input_size, options_json),
+    }
+
+
+def resolved_dataset(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "options": resolved_options(name, options)}
+
+
+def resolved_method(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The method's options over its defaults and the schedule it declares."""
+    method = build_method(name, **options)
+    return {
+        "name": name,
+        "options": dict(method.options),
+        "scope": method.scope,
+        "rounds": method.rounds,
+        "channels_per_round": method.channels_per_round,
+        "train_iterations": method.train_iterations,
+        "regime": method.regime,
+    }
