@@ -140,6 +140,7 @@ def provenance(device: torch.device, runtimes: tuple[str, ...] = ()) -> dict[str
         **harness(),
         "python": platform.python_version(),
         **{column: _version(dist) for column, dist in _LIBRARIES.items()},
+        "torch": torch.__version__,  # with its build tag (+cpu, +cu130): which wheel ran
         "onnxruntime": _version("onnxruntime") if "onnxruntime" in runtimes else None,
         "gpu_driver": gpu_driver() if cuda else None,
     }
