@@ -254,7 +254,9 @@ class Runner:
         report, stats, oneshot = pruned.report, pruned.finetune, pruned.oneshot or {}
         faults.reached("saving")
         path = save_checkpoint(
-            model, self.work_dir / "models" / cell.suite / f"{cell.cell_id}.pt", {"cell": cell.label}
+            model,
+            self.work_dir / "models" / cell.suite / f"{cell.cell_id}.pt",
+            {"cell": cell.label, "provenance": {**provenance.harness(), "created_at": now()}},
         )
         reloaded, _ = load_checkpoint(path)  # a pruned checkpoint that cannot be reloaded is a failed cell
         reloaded.predict([val_set[0][0]])

@@ -266,7 +266,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         val_set=val_set,
     )
     report = pruned.report
-    save_checkpoint(model, Path(args.out), {"prune_report": report.to_dict()})
+    device = torch.device(args.device)
+    made = provenance.provenance(device) | provenance.environment(device)
+    save_checkpoint(model, Path(args.out), {"prune_report": report.to_dict(), "provenance": made})
     achieved = ", ".join(f"{k} -{v:.1%}" for k, v in report.achieved.items())
     print(
         f"pruned with {method.name} to {target}: {achieved}; "

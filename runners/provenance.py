@@ -140,7 +140,7 @@ def provenance(device: torch.device, runtimes: tuple[str, ...] = ()) -> dict[str
         **harness(),
         "python": platform.python_version(),
         **{column: _version(dist) for column, dist in _LIBRARIES.items()},
-        "torch": torch.__version__,  # with its build tag (+cpu, +cu130): which wheel ran
+        "torch": str(torch.__version__),  # with its build tag (+cpu, +cu130): which wheel ran
         "onnxruntime": _version("onnxruntime") if "onnxruntime" in runtimes else None,
         "gpu_driver": gpu_driver() if cuda else None,
     }
@@ -155,7 +155,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu": cpu_name(),
         "gpu": torch.cuda.get_device_name(device) if cuda else "",
         "device": str(device),
-        "cuda": torch.version.cuda if cuda else None,
+        "cuda": str(torch.version.cuda) if cuda else None,
     }
 
 
