@@ -8,9 +8,9 @@ hand). So the id hashes the *resolved* configuration:
 * the method's options merged over its defaults, with the schedule it declares (scope, rounds,
   channels per round, training iterations, regime);
 * the detector's name, size, input size and options, and a fingerprint of the network they
-  build: its module tree (every layer's hyperparameters) and every plain setting its modules
-  hold (thresholds, strides, gains stored on the model), so a changed detector default changes
-  exactly that detector's cells;
+  build: every module's class and public plain settings (widths, kernels, strides, norms' eps,
+  thresholds stored on the model), so a changed detector default changes exactly that
+  detector's cells;
 * the dataset's options over its defaults (and the synthetic generator's version);
 * the training, fine-tuning, pruning, evaluation and measurement settings, defaults included
   (``Schedule`` and the suite tables already resolve them).
@@ -34,8 +34,6 @@ from detectors import build_detector
 from methods import build_method
 
 ID_SCHEME = 2  # 1: the written options (before resolution); 2: the resolved configuration
-# nn.Module's own bookkeeping, not a setting of the network
-_MODULE_INTERNALS = frozenset(vars(nn.Module()))
 _SKIP = object()
 _FINGERPRINT_CLASSES = 80  # any count builds the same network but its predictors' widths
 
@@ -61,11 +59,15 @@ def _plain(value: Any) -> Any:
 
 
 def network_settings(model: nn.Module) -> dict[str, Any]:
-    """Every module's plain attributes, by module name (what its constructor resolved)."""
+    """Every module's class and public plain attributes, by module name (what its constructor
+    resolved: widths, kernels, strides, norms' eps and momentum, thresholds). Not ``repr`` and
+    not private attributes, which differ between torch versions for the same network (measured:
+    torch 2.11 and 2.14 gave the same detector different ``repr``-based digests)."""
     found = {}
     for name, module in model.named_modules():
-        values = {k: _plain(v) for k, v in vars(module).items() if k not in _MODULE_INTERNALS}
-        found[name] = {k: v for k, v in values.items() if v is not _SKIP}
+        public = {k: _plain(v) for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
+        settings = {k: v for k, v in public.items() if v is not _SKIP}
+        found[name] = {"class": type(module).__qualname__, **settings}
     return found
 
 
@@ -75,7 +77,7 @@ def detector_fingerprint(name: str, size: str, input_size: int, options_json: st
     Built once per process per configuration, on a forked RNG (ids never move the seed)."""
     with torch.random.fork_rng(devices=[]):
         model = build_detector(name, _FINGERPRINT_CLASSES, size, input_size, **json.loads(options_json))
-    return digest({"modules": repr(model), "settings": network_settings(model)})
+    return digest(network_settings(model))
 
 
 def resolved_detector(name: str, size: str, input_size: int, options: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch
 
 from results import ResultStore
 from runners.cells import Runner
+from runners.provenance import code_digest
 from runners.suite import load_suite
 
 TINY_SUITE = """
@@ -92,6 +93,12 @@ def test_grid_runs_and_resumes(tiny_suite: Path, tmp_path: Path, monkeypatch) ->
     assert (pruned["params_m"] < frame[frame["method"] == "base"]["params_m"].iloc[0]).all()
     for column in ("map", "ap50", "gmacs", "core_ms_median", "predict_ms_p90"):
         assert frame[column].notna().all(), column
+    # every row says which code, libraries and machine made it
+    for column in ("code_digest", "harness_version", "python", "torch", "torchvision", "torch_pruning", "cpu"):
+        assert frame[column].notna().all() and (frame[column] != "").all(), column
+    assert (frame["code_digest"] == code_digest()).all()
+    assert frame["onnxruntime"].isna().all() and frame["gpu_driver"].isna().all()  # neither used
+    assert all(Path(p).name.startswith("synthetic-") for p in frame["data_path"])
     assert all((Path(p).is_file() or (Path.cwd() / p).is_file()) for p in frame["model_path"])
     assert Runner(suite, results, work, progress=False).run()["ran"] == 0
 
