@@ -77,19 +77,19 @@ def _git(*args: str) -> str | None:
 @functools.cache
 def harness() -> dict[str, Any]:
     """The harness's version: package version, git commit and whether its packages were dirty.
-    Without git, ``$DETPRUNE_COMMIT`` names the commit a copy was made from (dirty unknown: the
-    code digest says whether the copy is that commit's code)."""
+    ``$DETPRUNE_COMMIT``, where set, names the commit a copy was made from, before git: a copy
+    on another machine may sit in an older checkout's ``.git`` (measured: the device machine's
+    copy reported the session's first commit). Dirty is then unknown; the code digest says
+    whether the copy is that commit's code."""
     try:
         version = importlib.metadata.version("detprune")
     except importlib.metadata.PackageNotFoundError:
         version = None
-    commit = _git("rev-parse", "HEAD")
-    dirty = None
-    if commit is not None:
+    commit, dirty = os.environ.get("DETPRUNE_COMMIT") or None, None
+    if commit is None:
+        commit = _git("rev-parse", "HEAD")
         status = _git("status", "--porcelain", "--", *HARNESS_PACKAGES, "pyproject.toml")
-        dirty = None if status is None else int(bool(status.strip()))
-    else:  # a copy without .git (a remote machine's, a tarball's) may say which commit it copies
-        commit = os.environ.get("DETPRUNE_COMMIT") or None
+        dirty = None if commit is None or status is None else int(bool(status.strip()))
     return {
         "harness_version": version,
         "harness_commit": commit.strip() if commit else None,

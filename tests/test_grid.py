@@ -94,7 +94,8 @@ def test_grid_runs_and_resumes(tiny_suite: Path, tmp_path: Path, monkeypatch) ->
     for column in ("map", "ap50", "gmacs", "core_ms_median", "predict_ms_p90"):
         assert frame[column].notna().all(), column
     # every row says which code, libraries and machine made it
-    for column in ("code_digest", "harness_version", "python", "torch", "torchvision", "torch_pruning", "cpu"):
+    made = ("code_digest", "harness_version", "python", "torch", "torchvision", "torch_pruning", "cpu")
+    for column in made:
         assert frame[column].notna().all() and (frame[column] != "").all(), column
     assert (frame["code_digest"] == code_digest()).all()
     assert frame["onnxruntime"].isna().all() and frame["gpu_driver"].isna().all()  # neither used

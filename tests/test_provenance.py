@@ -134,7 +134,9 @@ def _row(cell, **values) -> dict:
     }
 
 
-def test_a_store_of_the_previous_id_scheme_reports_and_resumes(suite_path: Path, tmp_path: Path, capsys) -> None:
+def test_a_store_of_the_previous_id_scheme_reports_and_resumes(
+    suite_path: Path, tmp_path: Path, capsys
+) -> None:
     cells = load_suite(suite_path).cells()
     results = tmp_path / "results"
     store = ResultStore(results / "ids")
@@ -214,7 +216,10 @@ def test_recompute_redoes_stale_rows_and_keeps_the_rest(
     kept = sorted({c.cell_id for c in cells} - redone)
     assert (frame.loc[kept, "map"] == 0.25).all() and (frame.loc[kept, "created_at"] == earlier).all()
     computed.clear()  # a second recompute of stale rows finds none left
-    assert Runner(suite, results, tmp_path / "work", progress=False, recompute=Recompute("stale")).run()["ran"] == 0
+    assert (
+        Runner(suite, results, tmp_path / "work", progress=False, recompute=Recompute("stale")).run()["ran"]
+        == 0
+    )
 
 
 def test_recompute_decides_which_cached_baselines_are_kept() -> None:
@@ -238,7 +243,9 @@ def test_verify_names_a_truncated_checkpoint(tmp_path: Path, capsys) -> None:
     results = tmp_path / "results"
     store = ResultStore(results / "ids")
     row = {"cell_id": "a" * 16, "suite": "ids", "detector": "fcos-tiny", "dataset": "synthetic-coco"}
-    store.put(row | {"method": "base", "model_path": str(good), "baseline_path": str(good), "data_path": str(data)})
+    store.put(
+        row | {"method": "base", "model_path": str(good), "baseline_path": str(good), "data_path": str(data)}
+    )
     store.put(row | {"cell_id": "b" * 16, "method": "l1", "model_path": str(bad), "baseline_path": str(good)})
 
     assert main(["verify", "--results-dir", str(results)]) == 0
