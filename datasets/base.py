@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,11 +107,6 @@ class DetectionDataset(Dataset):
         return [rec.image_id for rec in self.records]
 
 
-def load_image(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Decode ``path`` to float ``[3, H, W]`` in [0, 1]; any decoding failure is one DatasetError line."""
-    return to_float(decode_rgb(path, size))
-
-
 def to_float(pixels: np.ndarray) -> torch.Tensor:
     """uint8 ``[3, H, W]`` to float in [0, 1], in numpy, not torch: torch's intra-op threads make
     this small op ~50x slower on a busy 2-core machine (DataLoader workers next to training)."""
@@ -154,6 +149,33 @@ def check_header(path: Path, size: tuple[int, int] | None = None) -> tuple[int, 
 def boxes_array(rows: list[list[float]] | list[tuple[float, ...]]) -> np.ndarray:
     """``[K, 4]`` float32 array, also for K = 0 (so empty targets keep their shape)."""
     return np.asarray(rows, dtype=np.float32).reshape(-1, 4)
+
+
+def coco_ground_truth(
+    dataset: DetectionDataset, objects: Callable[[ImageRecord], Iterable[tuple[np.ndarray, int, int]]]
+) -> dict[str, Any]:
+    """COCO-form ground truth of ``dataset``'s records, for the loaders whose files are not COCO's
+    (KITTI, VOC): COCOeval is the one evaluator. ``objects(record)`` yields each annotation as
+    ``(xyxy box, category id, iscrowd)``; annotation ids count from 1 in that order."""
+    images, annotations = [], []
+    for rec in dataset.records:
+        width, height = rec.size if rec.size else (0, 0)
+        images.append({"id": rec.image_id, "file_name": rec.path.name, "width": width, "height": height})
+        for box, category_id, crowd in objects(rec):
+            x1, y1, x2, y2 = (float(v) for v in box)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": rec.image_id,
+                    "category_id": category_id,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": crowd,
+                }
+            )
+    pairs = zip(dataset.category_ids, dataset.classes, strict=True)
+    categories = [{"id": cid, "name": name} for cid, name in pairs]
+    return {"images": images, "annotations": annotations, "categories": categories}
 
 
 def quiet_coco(dataset: dict[str, Any]) -> COCO:

@@ -25,6 +25,7 @@ from datasets.base import (
     check_header,
     quiet_coco,
 )
+from datasets.registry import register_dataset
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -138,3 +139,11 @@ class CocoDetection(DetectionDataset):
 
     def __repr__(self) -> str:
         return f"CocoDetection({self.annotation_file}, {len(self)} images, {len(self.classes)} classes)"
+
+
+@register_dataset("coco", {"year": "2017"})
+def _coco(split: str, root: Path, transform: Transform | None, year: str) -> CocoDetection:
+    """COCO as published: ``<root>/<split><year>/``, ``<root>/annotations/instances_<split><year>.json``."""
+    return CocoDetection(
+        root / f"{split}{year}", root / "annotations" / f"instances_{split}{year}.json", transform
+    )

@@ -10,7 +10,9 @@ detections there as false positives; every other type is dropped entirely.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,13 +23,16 @@ from datasets.base import (
     Transform,
     boxes_array,
     check_header,
+    coco_ground_truth,
     quiet_coco,
 )
+from datasets.registry import register_dataset
 
 CLASSES = ["Car", "Pedestrian", "Cyclist"]
 IGNORED_TYPES = frozenset({"Van", "Truck", "Person_sitting", "Tram", "Misc"})
 DONT_CARE = "DontCare"
 KNOWN_TYPES = frozenset(CLASSES) | IGNORED_TYPES | {DONT_CARE}
+SPLIT_DEFAULTS = {"split_seed": 0, "val_fraction": 0.2}  # the drawn validation split's options
 FIELDS = "type truncated occluded alpha x1 y1 x2 y2 h w l x y z ry score".split()
 
 Box = tuple[float, float, float, float]
@@ -146,39 +151,28 @@ class KittiDetection(DetectionDataset):
             )
         self.coco = quiet_coco(self._coco_dataset())
 
-    def _coco_dataset(self) -> dict:
+    def _coco_dataset(self) -> dict[str, Any]:
         """Ground truth in COCO form; a DontCare box becomes one crowd box per category.
 
         COCOeval matches crowd regions per category, so a single crowd box would only hide
         detections of its own category.
         """
-        images, annotations = [], []
 
-        def add(image_id: int, box: np.ndarray, category_id: int, crowd: int) -> None:
-            x1, y1, x2, y2 = (float(v) for v in box)
-            w, h = x2 - x1, y2 - y1
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": category_id,
-                    "bbox": [x1, y1, w, h],
-                    "area": w * h,
-                    "iscrowd": crowd,
-                }
-            )
-
-        for rec in self.records:
-            width, height = rec.size
-            images.append({"id": rec.image_id, "file_name": rec.path.name, "width": width, "height": height})
+        def objects(rec: ImageRecord) -> Iterator[tuple[np.ndarray, int, int]]:
             for box, label in zip(rec.boxes, rec.labels, strict=True):
-                add(rec.image_id, box, self.category_ids[int(label)], 0)
+                yield box, self.category_ids[int(label)], 0
             for box in rec.ignore_boxes:
                 for category_id in self.category_ids:
-                    add(rec.image_id, box, category_id, 1)
-        pairs = zip(self.category_ids, self.classes, strict=True)
-        categories = [{"id": cid, "name": name} for cid, name in pairs]
-        return {"images": images, "annotations": annotations, "categories": categories}
+                    yield box, category_id, 1
+
+        return coco_ground_truth(self, objects)
 
     def __repr__(self) -> str:
         return f"KittiDetection({self.root}, split={self.split!r}, {len(self)} images)"
+
+
+@register_dataset("kitti", SPLIT_DEFAULTS)
+def _kitti(
+    split: str, root: Path, transform: Transform | None, split_seed: int, val_fraction: float
+) -> KittiDetection:
+    return KittiDetection(root, split, transform=transform, seed=split_seed, val_fraction=val_fraction)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,10 @@ from datasets.base import (
     Transform,
     boxes_array,
     check_header,
+    coco_ground_truth,
     quiet_coco,
 )
+from datasets.registry import register_dataset
 from datasets.voc_eval import voc_metrics
 
 CLASSES = (
@@ -169,27 +172,15 @@ class VocDetection(DetectionDataset):
     def _coco_dataset(self) -> dict[str, Any]:
         """COCO-form ground truth for pycocotools; difficult objects are crowd boxes of their class
         (COCOeval ignores detections on them, the nearest it has to VOC's rule)."""
-        images, annotations = [], []
-        for rec in self.records:
-            width, height = rec.size if rec.size else (0, 0)
-            images.append({"id": rec.image_id, "file_name": rec.path.name, "width": width, "height": height})
+
+        def objects(rec: ImageRecord) -> Iterator[tuple[np.ndarray, int, int]]:
             hard_boxes, hard_labels = self.difficult[rec.image_id]
             rows = [(b, lab, 0) for b, lab in zip(rec.boxes, rec.labels, strict=True)]
             rows += [(b, lab, 1) for b, lab in zip(hard_boxes, hard_labels, strict=True)]
             for box, label, crowd in rows:
-                x1, y1, x2, y2 = (float(v) for v in box)
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": rec.image_id,
-                        "category_id": self.category_ids[int(label)],
-                        "bbox": [x1, y1, x2 - x1, y2 - y1],
-                        "area": (x2 - x1) * (y2 - y1),
-                        "iscrowd": crowd,
-                    }
-                )
-        categories = [{"id": i, "name": n} for i, n in zip(self.category_ids, self.classes, strict=True)]
-        return {"images": images, "annotations": annotations, "categories": categories}
+                yield box, self.category_ids[int(label)], crowd
+
+        return coco_ground_truth(self, objects)
 
     def extra_metrics(self, detections: list[dict[str, Any]]) -> dict[str, Any]:
         """VOC's own AP at IoU 0.5 (both definitions, per class and mean) of COCO result records."""
@@ -211,3 +202,10 @@ class VocDetection(DetectionDataset):
 def _xyxy(bbox: list[float]) -> np.ndarray:
     x, y, w, h = bbox
     return np.array([x, y, x + w, y + h], float)
+
+
+@register_dataset("voc", {"protocol": "07+12"})
+def _voc(split: str, root: Path, transform: Transform | None, protocol: str) -> VocDetection:
+    voc = VocDetection(root, split, protocol, transform=transform)
+    voc.table_name = f"voc-{protocol}"  # the protocols are different benchmarks
+    return voc

@@ -1,6 +1,8 @@
-"""The Detector contract (DESIGN.md §3), the registry, and checkpoints that survive pruning.
+"""The Detector contract (DESIGN.md §3), the registry, and the layer widths a checkpoint records.
 
-Methods and runners only see this contract; a method never knows which detector it prunes.
+Methods and runners only see this contract; a method never knows which detector it prunes. What
+the families share beyond the contract (letterbox, the predict tail, conv blocks, assigners) is
+in ``common.py``; checkpoints that survive pruning are written and read by ``checkpoints.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 _REGISTRY: dict[str, Callable[..., Detector]] = {}
 _DEFAULT_SIZES: dict[str, str] = {}
@@ -22,10 +23,16 @@ class DetectorError(ValueError):
 
 
 class Detector(nn.Module):
-    """A detector as the harness sees it.
+    """A detector as the harness sees it (DESIGN.md §3):
 
-    ``core`` is the bare network on a fixed-size tensor (pruning graphs, FLOPs, latency use it);
-    ``loss``/``predict`` wrap it with the detector's own pre/post-processing.
+    * ``loss(images, targets) -> dict[str, Tensor]`` in training mode;
+    * ``predict(images) -> list[dict[str, Tensor]]`` (``"boxes"``, ``"scores"``, ``"labels"`` in
+      each image's pixels), in eval mode, post-processed;
+    * ``core(x) -> tuple[Tensor, ...]``: the bare network on a fixed-size ``[B, 3, H, W]`` tensor,
+      without pre/post-processing (pruning graphs, FLOPs and latency use it); ``loss`` and
+      ``predict`` wrap it with the detector's own pre/post-processing (``preprocess``);
+    * ``neck`` and ``strides``: the per-scale maps right before the head, and their strides;
+    * ``prune_ignored() -> list[nn.Module]``: the layers whose output channels are fixed.
     """
 
     spec: dict[str, Any]
@@ -53,10 +60,13 @@ class Detector(nn.Module):
 
     @property
     def neck(self) -> nn.Module:
+        """The module whose output is the per-scale feature maps right before the head (LDT reads
+        them, at ``strides``)."""
         raise TypeError(f"{type(self).__name__} does not define neck")
 
     def prune_ignored(self) -> list[nn.Module]:
-        """Layers whose output channels are fixed by the task (class/box predictors)."""
+        """Layers whose output channels are fixed by the task (class/box/objectness predictors, RPN
+        predictors): pruning leaves their outputs whole."""
         return []
 
     def deployed(self) -> Detector:
@@ -74,25 +84,6 @@ class Detector(nn.Module):
         generator = torch.Generator().manual_seed(0)
         x = torch.rand(batch, 3, self.input_size, self.input_size, generator=generator)
         return x.to(device)
-
-
-def letterbox(images: list[Tensor], size: int, pad: float = 0.0) -> tuple[Tensor, list[float]]:
-    """Resize each image by ``min(size / H, size / W)`` and pad it, top-left, to ``size x size``.
-
-    The pure-PyTorch detectors (YOLOX, YOLOF, ...) preprocess this way: a box scales by the
-    returned factor, which is the mapping LDT assumes (``methods.ldt.map_instances``).
-    """
-    batch = images[0].new_full((len(images), 3, size, size), pad)
-    scales = []
-    for i, image in enumerate(images):
-        h, w = image.shape[-2:]
-        scale = min(size / h, size / w)
-        nh, nw = min(size, round(h * scale)), min(size, round(w * scale))
-        if (nh, nw) != (h, w):
-            image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-        batch[i, :, :nh, :nw] = image
-        scales.append(scale)
-    return batch, scales
 
 
 def register(

@@ -5,23 +5,22 @@ stores the build spec plus every layer's width; loading builds the spec, narrows
 then loads the weights. Only tensors and plain values are saved (``weights_only`` loading).
 
 Each checkpoint is written through a temporary file unique to its writer and renamed into place,
-with its SHA-256 beside it (``<file>.sha256``). Loading compares the two, so a truncated or
-overwritten file is a ``ChecksumError``, never a model with silently wrong weights.
+with its SHA-256 beside it (``<file>.sha256``; ``results.files`` writes and checks both). Loading
+compares the two, so a truncated or overwritten file is a ``ChecksumError``, never a model with
+silently wrong weights.
 """
 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import io
-import os
-import secrets
-import socket
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from results.files import checksum_problem, write_with_checksum
 
 from .base import Detector, DetectorError, build_detector, detector_names, layer_widths
 
@@ -30,28 +29,11 @@ class ChecksumError(DetectorError):
     """The file is not the one detprune wrote (truncated, overwritten, or its checksum is missing)."""
 
 
-def checksum_path(path: Path) -> Path:
-    return Path(path).with_name(Path(path).name + ".sha256")
-
-
-def sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def verify(path: Path, required: bool = False) -> None:
     """Compare ``path`` with its recorded checksum; ``required``: a missing record is an error too."""
-    path = Path(path)
-    record = checksum_path(path)
-    if not record.is_file():
-        if required:
-            raise ChecksumError(f"{path}: no checksum recorded beside it (an older or interrupted write)")
-        return
-    expected = record.read_text().split()[0] if record.read_text().strip() else ""
-    if sha256(path) != expected:
-        raise ChecksumError(
-            f"{path}: checksum mismatch, the file changed after it was written (truncated or overwritten)"
-        )
+    problem = checksum_problem(Path(path), required)
+    if problem is not None:
+        raise ChecksumError(f"{path}: {problem}")
 
 
 def _narrow(model: nn.Module, widths: dict[str, dict[str, int]], state: dict[str, Tensor]) -> None:
@@ -71,12 +53,6 @@ def _narrow(model: nn.Module, widths: dict[str, dict[str, int]], state: dict[str
                 module.register_buffer(bname, torch.empty_like(state[key]))
 
 
-def _temporary(path: Path) -> Path:
-    # the writer's host and process: a cleaner on another node sharing the folder leaves it alone
-    writer = f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
-    return path.with_name(f".{path.name}.{writer}.{secrets.token_hex(4)}.tmp")
-
-
 def save_checkpoint(model: Detector, path: Path, meta: dict[str, Any] | None = None) -> Path:
     """Write atomically, then record the checksum: a killed run never leaves a truncated
     checkpoint under the real name, and two runs never write the same temporary name."""
@@ -94,18 +70,7 @@ def save_checkpoint(model: Detector, path: Path, meta: dict[str, Any] | None = N
 def write_verified(path: Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically with its checksum beside it (a checkpoint's bytes,
     also when they arrive from another machine through an executor)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp, record = _temporary(path), _temporary(checksum_path(path))
-    try:
-        tmp.write_bytes(data)
-        record.write_text(f"{hashlib.sha256(data).hexdigest()}  {path.name}\n")
-        tmp.replace(path)  # a kill between the two renames leaves a file its record does not match:
-        record.replace(checksum_path(path))  # a cache then rebuilds it, a user is told
-    finally:
-        tmp.unlink(missing_ok=True)
-        record.unlink(missing_ok=True)
-    return path
+    return write_with_checksum(path, data)
 
 
 def read_verified(path: Path) -> bytes:

@@ -26,6 +26,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from .backbones import resnet_body
 from .base import Detector, DetectorError, register
+from .common import check_size
 
 SIZES: dict[str, dict[str, Any]] = {
     # trains on the synthetic set in a few CPU minutes: anchors and proposal counts for 128 px
@@ -77,8 +78,7 @@ class FasterRCNNDetector(Detector, FasterRCNN):
     strides = (4, 8, 16, 32, 64)  # P2..P5 and the max-pooled P6
 
     def __init__(self, num_classes: int, size: str = "tiny", input_size: int = 128, **options: Any) -> None:
-        if size not in SIZES:
-            raise DetectorError(f"unknown size '{size}'; known: {', '.join(SIZES)}")
+        check_size(size, SIZES)
         unknown = set(options) - set(SIZES[size]) - set(POSTPROCESS)
         if unknown:
             raise DetectorError(f"faster_rcnn has no option(s) {', '.join(sorted(unknown))}")

@@ -20,7 +20,8 @@ from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, 
 from torchvision.ops import box_iou
 
 from .backbones import ResNetFPN
-from .base import Detector, DetectorError, register
+from .base import Detector, register
+from .common import check_size
 from .norms import LevelBatchNorm2d, track_levels
 
 SIZES: dict[str, dict[str, Any]] = {
@@ -33,17 +34,12 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def _size(size: str) -> dict[str, Any]:
-    if size not in SIZES:
-        raise DetectorError(f"unknown size '{size}'; known: {', '.join(SIZES)}")
-    return SIZES[size]
-
-
 class FCOSDetector(Detector, FCOS):
     """torchvision FCOS behind the harness's Detector contract."""
 
     def __init__(self, num_classes: int, size: str = "tiny", input_size: int = 128, **options: Any) -> None:
-        cfg = {**_size(size), **options}
+        check_size(size, SIZES)
+        cfg = {**SIZES[size], **options}
         backbone = ResNetFPN(cfg["width"], cfg["fpn_channels"], depth=cfg["depth"])
         FCOS.__init__(
             self,

@@ -21,7 +21,8 @@ representations and the losses that train them:
 
 The assigner is ``atss_assign`` and the rest (anchors at the strides, the resize transform, the
 loop over levels) is torchvision's ``FCOS`` through ``ATSSDetector``; only the head, its loss
-and the decoding of detections are new. BatchNorm replaces the paper's GroupNorm in the towers
+and the decoding of detections are new. The integral and DFL are in ``common`` (YOLOv8's box
+branch is the same distribution). BatchNorm replaces the paper's GroupNorm in the towers
 (same parameter count: conv-without-bias + an affine norm) so every layer prunes the same way.
 """
 
@@ -37,6 +38,7 @@ from torchvision.models.detection._utils import BoxLinearCoder
 from torchvision.ops import batched_nms, clip_boxes_to_image, generalized_box_iou_loss
 
 from .base import Detector, register
+from .common import distribution_focal_loss, integral
 from .fcos import ATSSDetector
 from .norms import LevelBatchNorm2d, track_levels
 
@@ -49,12 +51,6 @@ DFL_WEIGHT = 0.25
 # -- the paper's math on tensors -----------------------------------------------------------------
 
 
-def integral(logits: Tensor) -> Tensor:
-    """``Σ_i softmax(logits)_i · i`` over the last dim (size n + 1): the expected distance."""
-    support = torch.arange(logits.shape[-1], dtype=logits.dtype, device=logits.device)
-    return (logits.softmax(dim=-1) * support).sum(dim=-1)
-
-
 def quality_focal_loss(logits: Tensor, target: Tensor, beta: float = QFL_BETA) -> Tensor:
     """Elementwise QFL: binary cross-entropy to the soft target, scaled by ``|target - σ|^β``.
 
@@ -63,21 +59,6 @@ def quality_focal_loss(logits: Tensor, target: Tensor, beta: float = QFL_BETA) -
     sigma = logits.sigmoid()
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     return bce * (target - sigma).abs().pow(beta)
-
-
-def distribution_focal_loss(logits: Tensor, target: Tensor) -> Tensor:
-    """DFL per row of ``logits`` ``[K, n + 1]`` for continuous targets ``[K]`` in ``[0, n)``.
-
-    Cross-entropy to the two integers around the target, each weighted by its nearness.
-    """
-    left = target.floor().long()
-    right = left + 1
-    weight_left = right.to(target.dtype) - target
-    weight_right = target - left.to(target.dtype)
-    return (
-        F.cross_entropy(logits, left, reduction="none") * weight_left
-        + F.cross_entropy(logits, right, reduction="none") * weight_right
-    )
 
 
 def aligned_iou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:

@@ -8,6 +8,7 @@ truth takes the ``k`` nearest anchors and the ``k`` nearest predicted boxes (L1 
 centre-size boxes) as positives, so large and small objects get the same number of positives
 even though one level has few anchors; IoU thresholds then drop weak positives and ignore
 negatives that already overlap an object well. Focal loss on classes, GIoU on decoded boxes.
+The anchors, the box coder, uniform matching and the losses are in ``yolof_loss.py``.
 
 Departures, all deliberate: every conv before a BatchNorm has no bias (the official code has one;
 BN cancels it: 7,168 parameters at full size); the backbone trains from scratch with trainable BN
@@ -25,10 +26,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from .backbones import resnet_body
-from .base import Detector, DetectorError, letterbox, register
+from .base import Detector, register
+from .common import check_size, detections, letterbox
+from .yolof_loss import decode, make_anchors, yolof_loss
 
 SIZES: dict[str, dict[str, Any]] = {
     # the paper's anchor sizes halved, anchors centred in their cells (offset 0.5). Learns the
@@ -57,13 +59,6 @@ DILATIONS = (2, 4, 6, 8)  # one per residual block of the dilated encoder
 STRIDE = 32  # C5
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SCALE_CLAMP = math.log(1000.0 / 16)  # the largest log-scale a delta may apply (detectron2's default)
-
-
-def _size(size: str) -> dict[str, Any]:
-    if size not in SIZES:
-        raise DetectorError(f"unknown size '{size}'; known: {', '.join(SIZES)}")
-    return SIZES[size]
 
 
 def conv_bn(cin: int, cout: int, kernel: int, dilation: int = 1, relu: bool = True) -> nn.Sequential:
@@ -172,117 +167,6 @@ def per_anchor(pred: Tensor, k: int) -> Tensor:
     return pred.view(b, -1, k, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, k)
 
 
-# -- anchors and the box coder ---------------------------------------------------------------------
-
-
-def make_anchors(
-    height: int, width: int, stride: int, sizes: tuple[float, ...], offset: float = 0.0
-) -> Tensor:
-    """Square anchors of every size at every C5 location: ``[H*W*A, 4]`` xyxy.
-
-    Centres sit at ``(x + offset) * stride`` with offset 0, as the official configuration
-    (detectron2 ``ANCHOR_GENERATOR.OFFSET = 0.0``, mmdetection's default centre offset).
-    """
-    ys = (torch.arange(height, dtype=torch.float32) + offset) * stride
-    xs = (torch.arange(width, dtype=torch.float32) + offset) * stride
-    cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-    centres = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)
-    half = torch.tensor(sizes, dtype=torch.float32) / 2
-    extents = torch.stack([-half, -half, half, half], dim=-1).reshape(1, -1, 4)
-    return (centres + extents).reshape(-1, 4)
-
-
-def _centre_size(boxes: Tensor) -> Tensor:
-    """xyxy -> (cx, cy, w, h)."""
-    return torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]], dim=-1)
-
-
-def encode(anchors: Tensor, boxes: Tensor, weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)) -> Tensor:
-    """R-CNN deltas that turn ``anchors`` into ``boxes``: centre shift over size, log size ratio."""
-    a, g = _centre_size(anchors), _centre_size(boxes)
-    w = anchors.new_tensor(weights)
-    shift = (g[..., :2] - a[..., :2]) / a[..., 2:]
-    scale = torch.log(g[..., 2:] / a[..., 2:])
-    return torch.cat([shift, scale], dim=-1) * w
-
-
-def decode(
-    anchors: Tensor,
-    deltas: Tensor,
-    weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0),
-    ctr_clamp: float = 32.0,
-    scale_clamp: float = SCALE_CLAMP,
-) -> Tensor:
-    """Inverse of :func:`encode`, with YOLOF's clamps.
-
-    The centre moves at most ``ctr_clamp`` pixels (``add_ctr_clamp``: a sparse single-level
-    anchor set must not chase far objects early in training) and the log-scale is capped above.
-    """
-    d = deltas / deltas.new_tensor(weights)
-    a = _centre_size(anchors)
-    shift = (d[..., :2] * a[..., 2:]).clamp(-ctr_clamp, ctr_clamp)
-    size = a[..., 2:] * d[..., 2:].clamp(max=scale_clamp).exp()
-    centre = a[..., :2] + shift
-    return torch.cat([centre - size / 2, centre + size / 2], dim=-1)
-
-
-# -- uniform matching ------------------------------------------------------------------------------
-
-
-def uniform_match(pred_boxes: Tensor, anchors: Tensor, gt_boxes: Tensor, k: int = 4) -> tuple[Tensor, Tensor]:
-    """Each gt's ``k`` nearest anchors and ``k`` nearest predicted boxes, by L1 on (cx, cy, w, h).
-
-    Returns ``(anchor_index, gt_index)`` pairs, ``2 k`` per gt; an anchor may appear twice (in both
-    lists, or for two gts), as in the official matcher.
-    """
-    num_gt = gt_boxes.shape[0]
-    k = min(k, anchors.shape[0])
-    gt = _centre_size(gt_boxes)
-    nearest_pred = torch.cdist(_centre_size(pred_boxes), gt, p=1).topk(k, dim=0, largest=False).indices
-    nearest_anchor = torch.cdist(_centre_size(anchors), gt, p=1).topk(k, dim=0, largest=False).indices
-    anchor_index = torch.cat([nearest_pred, nearest_anchor], dim=0).flatten()  # [2k * M], gt index fastest
-    gt_index = torch.arange(num_gt, device=gt_boxes.device).repeat(2 * k)
-    return anchor_index, gt_index
-
-
-def uniform_assign(
-    pred_boxes: Tensor,
-    anchors: Tensor,
-    gt_boxes: Tensor,
-    gt_labels: Tensor,
-    num_classes: int,
-    k: int = 4,
-    pos_ignore: float = 0.15,
-    neg_ignore: float = 0.7,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Class targets per anchor and the (anchor, gt) pairs the box loss uses.
-
-    ``labels[a]`` is the class of anchor ``a``, ``num_classes`` for background, -1 for ignored:
-    a negative whose *predicted* box has IoU > ``neg_ignore`` with a gt is ignored (it already
-    fits an object); a matched pair whose *anchor* has IoU < ``pos_ignore`` with its gt is
-    ignored, not positive. An anchor matched to several gts takes the class of the gt its anchor
-    overlaps most (the official code lets the last write win); every kept pair enters the box loss.
-    """
-    labels = torch.full((anchors.shape[0],), num_classes, dtype=torch.int64, device=anchors.device)
-    if gt_boxes.shape[0] == 0:
-        empty = torch.zeros(0, dtype=torch.int64, device=anchors.device)
-        return labels, empty, empty
-    labels[box_iou(pred_boxes, gt_boxes).max(dim=1).values > neg_ignore] = -1
-
-    anchor_index, gt_index = uniform_match(pred_boxes, anchors, gt_boxes, k)
-    pair_iou = box_iou(anchors, gt_boxes)[anchor_index, gt_index]
-    kept = pair_iou >= pos_ignore
-
-    # per anchor, the best kept pair's IoU (an ignored pair scores -1; unmatched anchors -inf)
-    score = torch.full((anchors.shape[0], gt_boxes.shape[0]), -math.inf, device=anchors.device)
-    score[anchor_index, gt_index] = torch.where(kept, pair_iou, torch.full_like(pair_iou, -1.0))
-    best, best_gt = score.max(dim=1)
-    labels[best > -math.inf] = -1
-    positive = best >= 0
-    labels[positive] = gt_labels[best_gt[positive]]
-    return labels, anchor_index[kept], gt_index[kept]
-
-
 # -- the detector ----------------------------------------------------------------------------------
 
 
@@ -298,17 +182,29 @@ class YOLOF(Detector):
         pos_ignore: float = 0.15,
         neg_ignore: float = 0.7,
         ctr_clamp: float = 32.0,
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.6,
+        detections_per_img: int = 100,
+        topk_candidates: int = 1000,
         **options: Any,
     ) -> None:
         super().__init__()
-        cfg = {**_size(size), **options}
+        check_size(size, SIZES)
+        unknown = sorted(set(options) - set(SIZES[size]))
+        if unknown:  # a misspelt option is an error, not a silent default
+            names = ", ".join(unknown)
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) {names}")
+        cfg = {**SIZES[size], **options}
         self.num_classes = num_classes
         self.input_size = input_size
         self.strides = (STRIDE,)
         self.anchor_sizes = tuple(cfg["anchor_sizes"])
         self.anchor_offset = float(cfg["anchor_offset"])
         self.topk, self.pos_ignore, self.neg_ignore, self.ctr_clamp = topk, pos_ignore, neg_ignore, ctr_clamp
-        self.score_thresh, self.nms_thresh, self.max_detections, self.topk_candidates = 0.05, 0.6, 100, 1000
+        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
+        # stored under the name it had before it was an option: public attributes are part of the
+        # network's fingerprint, hence of every stored YOLOF cell's id (runners/identity.py)
+        self.max_detections, self.topk_candidates = detections_per_img, topk_candidates
 
         self.backbone = resnet_body(cfg["depth"], cfg["width"])
         c5_channels = self.backbone.out_channels_list[-1]
@@ -353,39 +249,18 @@ class YOLOF(Detector):
         x, scales = self._letterbox(images)
         logits, deltas, anchors = self._heads(x)
         pred_boxes = decode(anchors, deltas, ctr_clamp=self.ctr_clamp)
-        cls_losses, box_losses, num_pos = [], [], 0
-        for i, (target, scale) in enumerate(zip(targets, scales, strict=True)):
-            gt_boxes = target["boxes"].to(x) * scale
-            labels, anchor_index, gt_index = uniform_assign(
-                pred_boxes[i].detach(),
-                anchors,
-                gt_boxes,
-                target["labels"].to(x.device),
-                self.num_classes,
-                self.topk,
-                self.pos_ignore,
-                self.neg_ignore,
-            )
-            valid = labels >= 0
-            onehot = torch.zeros_like(logits[i])
-            foreground = valid & (labels < self.num_classes)
-            onehot[foreground, labels[foreground]] = 1.0
-            cls_losses.append(sigmoid_focal_loss(logits[i][valid], onehot[valid], 0.25, 2.0, reduction="sum"))
-            box_losses.append(
-                generalized_box_iou_loss(pred_boxes[i][anchor_index], gt_boxes[gt_index], reduction="sum")
-            )
-            num_pos += int(foreground.sum())
-        norm = max(1, num_pos)
-        return {
-            "loss_cls": torch.stack(cls_losses).sum() / norm,
-            "loss_box_reg": torch.stack(box_losses).sum() / norm,
-        }
+        gts = [
+            (target["boxes"].to(x) * scale, target["labels"].to(x.device))
+            for target, scale in zip(targets, scales, strict=True)
+        ]
+        return yolof_loss(logits, pred_boxes, anchors, gts, self.topk, self.pos_ignore, self.neg_ignore)
 
     # inference
 
     @torch.no_grad()
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        """Score > 0.05, top 1000, class-wise NMS at 0.6, at most 100; boxes in the image's pixels."""
+        """Score > ``score_thresh`` (0.05), the best ``topk_candidates`` (1000), class-wise NMS at
+        ``nms_thresh`` (0.6), at most ``detections_per_img`` (100); boxes in the image's pixels."""
         self.eval()
         x, scales = self._letterbox(images)
         logits, deltas, anchors = self._heads(x)
@@ -397,13 +272,9 @@ class YOLOF(Detector):
             keep = keep[top]
             anchor_index, labels = keep // self.num_classes, keep % self.num_classes
             boxes = decode(anchors[anchor_index], deltas[i][anchor_index], ctr_clamp=self.ctr_clamp)
-            scores = probs[keep]
-            kept = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.max_detections]
-            h, w = image.shape[-2:]
-            boxes = boxes[kept] / scale
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            results.append({"boxes": boxes, "scores": scores[kept], "labels": labels[kept]})
+            results.append(
+                detections(boxes, probs[keep], labels, image, scale, self.nms_thresh, self.max_detections)
+            )
         return results
 
 

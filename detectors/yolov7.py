@@ -37,12 +37,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, box_convert
+from torchvision.ops import box_convert
 
-from .base import Detector, DetectorError, letterbox, register
+from .base import Detector, register
+from .common import (
+    PAD_VALUE,
+    ObjectnessDetector,
+    letterbox,
+    letterboxed_targets,
+)
 from .yolov7_blocks import ELAN, SPPCSPC, Conv, ImplicitA, ImplicitM, MPDown, RepConv, SPPTiny
 from .yolov7_loss import HYPS, anchor_grid, decode, yolov7_loss
-from .yolox import PAD_VALUE
 
 # anchors in input pixels, (w, h) per anchor, P3/P4/P5; tiny: the set yolov7-tiny.yaml names
 # (one revision of that file carries auto-anchored values, with these commented out beside them)
@@ -158,40 +163,35 @@ class IDetect(nn.Module):
 # -- the detector --------------------------------------------------------------------------------
 
 
-class YOLOv7(Detector):
-    """YOLOv7 (tiny/base) behind the harness's Detector contract."""
+class YOLOv7(ObjectnessDetector):
+    """YOLOv7 (tiny/base) behind the harness's Detector contract. ``box_gain``, ``obj_gain`` and
+    ``cls_gain`` override the loss gains of the size's hyperparameter file."""
+
+    family, sizes = "yolov7", SIZES
 
     def __init__(
         self,
         num_classes: int,
         size: str = "tiny",
         input_size: int = 128,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.65,
-        detections_per_img: int = 100,
         anchor_t: float = 4.0,
         candidate_k: int = 10,
-        **gains: float,
+        box_gain: float | None = None,
+        obj_gain: float | None = None,
+        cls_gain: float | None = None,
+        **postprocessing: float,
     ) -> None:
-        super().__init__()
-        if size not in SIZES:
-            raise DetectorError(f"unknown size '{size}'; known: {', '.join(SIZES)}")
-        if input_size % 32:
-            raise DetectorError(f"yolov7 needs an input size divisible by 32, got {input_size}")
-        unknown = set(gains) - {"box_gain", "obj_gain", "cls_gain"}
-        if unknown:
-            raise DetectorError(f"unknown yolov7 options {sorted(unknown)}")
+        super().__init__(num_classes, size, input_size, **postprocessing)
         self.backbone = Backbone(size)
         self.pan = Neck(size)
         self.head = IDetect(num_classes, size, (64, 128, 256) if size == "tiny" else (128, 256, 512))
-        self.num_classes, self.input_size, self.strides = num_classes, input_size, (8, 16, 32)
+        self.strides = (8, 16, 32)
         anchors = ANCHORS_TINY if size == "tiny" else ANCHORS_BASE
         self.register_buffer("anchors", torch.tensor(anchors).float().view(3, 3, 2), persistent=False)
-        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
-        self.detections_per_img = detections_per_img
         self.anchor_t, self.candidate_k = anchor_t, candidate_k
         # hyp.scratch.tiny / hyp.scratch.p5 gains, scaled by train.py's rules (nl = 3 levels)
-        hyp = {**HYPS[size], **{k.removesuffix("_gain"): v for k, v in gains.items()}}
+        given = {"box": box_gain, "obj": obj_gain, "cls": cls_gain}
+        hyp = {**HYPS[size], **{k: v for k, v in given.items() if v is not None}}
         obj, cls = hyp["obj"] * (input_size / 640) ** 2, hyp["cls"] * num_classes / 80
         self.gains = {"box": hyp["box"], "obj": obj, "cls": cls}
 
@@ -217,9 +217,6 @@ class YOLOv7(Detector):
     def prune_ignored(self) -> list[nn.Module]:
         return list(self.head.m)
 
-    def preprocess(self, images: list[Tensor]) -> Tensor:
-        return letterbox(images, self.input_size, PAD_VALUE)[0]
-
     def deployed(self) -> YOLOv7:
         """A fused copy in eval mode (YOLOv7's deploy model: Conv+BN folded, each RepConv one 3x3
         conv, implicit layers folded into the predictors), for latency; same eval outputs."""
@@ -239,11 +236,7 @@ class YOLOv7(Detector):
         size (yolov7 returns ``loss * bs``; the harness's losses are per batch)."""
         x, scales = letterbox(images, self.input_size, PAD_VALUE)
         cls_logits, raw_box, obj_logits = self.core(x)
-        gts = []
-        for target, scale in zip(targets, scales, strict=True):
-            gt = box_convert(target["boxes"].to(x) * scale, "xyxy", "cxcywh")
-            valid = (gt[:, 2] > 0) & (gt[:, 3] > 0)
-            gts.append((gt[valid], target["labels"][valid].to(x.device)))
+        gts = letterboxed_targets(targets, scales, x)
         return yolov7_loss(
             cls_logits, raw_box, obj_logits, gts, self._grid(x), self.anchors, self.strides,
             self.gains, self.anchor_t, self.candidate_k,
@@ -251,28 +244,9 @@ class YOLOv7(Detector):
 
     # inference -------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        """Score = sigmoid(obj) * best sigmoid(cls); threshold, class-aware NMS, top detections,
-        boxes mapped back to each image's pixels. Leaves the model in eval mode."""
-        self.eval()
-        x, scales = letterbox(images, self.input_size, PAD_VALUE)
-        cls_logits, raw_box, obj_logits = self.core(x)
+    def boxes(self, raw_box: Tensor, x: Tensor) -> Tensor:
         cells, strides, anchor_wh, _ = self._grid(x)
-        boxes = box_convert(decode(raw_box, cells, strides, anchor_wh), "cxcywh", "xyxy")
-        class_scores, labels = cls_logits.sigmoid().max(-1)
-        scores = class_scores * obj_logits.squeeze(-1).sigmoid()
-        results = []
-        for b, (image, scale) in enumerate(zip(images, scales, strict=True)):
-            keep = scores[b] >= self.score_thresh
-            img_boxes, img_scores, img_labels = boxes[b][keep], scores[b][keep], labels[b][keep]
-            keep = batched_nms(img_boxes, img_scores, img_labels, self.nms_thresh)[: self.detections_per_img]
-            h, w = image.shape[-2:]
-            img_boxes = img_boxes[keep] / scale
-            img_boxes[:, 0::2] = img_boxes[:, 0::2].clamp(0, w)
-            img_boxes[:, 1::2] = img_boxes[:, 1::2].clamp(0, h)
-            results.append({"boxes": img_boxes, "scores": img_scores[keep], "labels": img_labels[keep]})
-        return results
+        return box_convert(decode(raw_box, cells, strides, anchor_wh), "cxcywh", "xyxy")
 
 
 @register("yolov7", default_size="tiny")

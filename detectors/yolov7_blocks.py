@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .yolox import BN_EPS, BN_MOMENTUM
+from .common import BN_EPS, BN_MOMENTUM
 
 
 def _act(size: str) -> nn.Module:

@@ -5,12 +5,12 @@ Locations are flat, in ``YOLOv7.core``'s order: level, anchor, row, column. The 
 1. ``find_3_positive``: per level, every anchor whose width and height are both within a factor
    ``anchor_t`` of the box's nominates the box centre's cell and the two nearest neighbour cells
    (one in x, one in y; none across the grid's first cell or past its last);
-2. per image, ``ota_cost`` prices each (box, candidate) pair by the BCE of
+2. per image, ``common.ota_cost`` prices each (box, candidate) pair by the BCE of
    ``sqrt(sigmoid(cls) * sigmoid(obj))`` against the box's one-hot class plus ``3 * -log IoU``;
    every box takes its ``k`` cheapest candidates with ``k = max(1, int(sum of its top-10
-   IoUs))``, a candidate taken by several boxes goes to the cheapest (SimOTA's matching, exactly
-   YOLOX's ``dynamic_k_matching``, reused). As in yolov7, a candidate nominated by two boxes is
-   two entries, and every box is costed against every entry.
+   IoUs))``, a candidate taken by several boxes goes to the cheapest (SimOTA's matching:
+   ``common.dynamic_k_matching``, the one YOLOX uses). As in yolov7, a candidate nominated by
+   two boxes is two entries, and every box is costed against every entry.
 
 Losses per level: ``1 - CIoU`` averaged over the positives; objectness BCE over every anchor
 of every cell against the detached CIoU (clamped at 0) at the positives, weighted by the level
@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torchvision.ops import box_convert, box_iou, complete_box_iou_loss
+from torchvision.ops import box_convert, complete_box_iou_loss
 
-from .yolox import dynamic_k_matching
+from .common import dynamic_k_matching, ota_cost
 
 # hyp.scratch.tiny.yaml (tiny) and hyp.scratch.p5.yaml (base); train.py then scales them by
 # 3 / nl (= 1 here), cls by C / 80 and obj by (image size / 640)^2 (see YOLOv7.__init__)
@@ -42,9 +42,7 @@ __all__ = [
     "HYPS",
     "anchor_grid",
     "decode",
-    "dynamic_k_matching",
     "find_3_positive",
-    "ota_cost",
     "yolov7_loss",
 ]
 
@@ -106,24 +104,6 @@ def find_3_positive(
     gij = (gxy[entry] - OFFSETS.to(gt)[offset_idx] * g).long()
     gi, gj = gij[:, 0].clamp(0, grid_w - 1), gij[:, 1].clamp(0, grid_h - 1)
     return box_idx[entry], anchor_idx[entry], gj, gi
-
-
-def ota_cost(
-    cls_logits: Tensor, obj_logits: Tensor, pred_xyxy: Tensor, gt_xyxy: Tensor, gt_labels: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``(cost [M, P], IoU [M, P])`` of boxes against candidates: the BCE of the joint score
-    ``sqrt(sigmoid(cls) * sigmoid(obj))`` against the box's one-hot class, summed over classes,
-    plus ``3 * -log(IoU + 1e-8)``. ``cls_logits [P, C]``, ``obj_logits [P]``."""
-    ious = box_iou(gt_xyxy, pred_xyxy)
-    joint = (cls_logits.float().sigmoid() * obj_logits.float().sigmoid()[:, None]).sqrt()
-    onehot = F.one_hot(gt_labels, cls_logits.shape[1]).float()
-    num_gt, num_pred = ious.shape
-    cls_cost = F.binary_cross_entropy(
-        joint.unsqueeze(0).expand(num_gt, -1, -1),
-        onehot.unsqueeze(1).expand(-1, num_pred, -1),
-        reduction="none",
-    ).sum(-1)
-    return cls_cost + 3.0 * -torch.log(ious + 1e-8), ious
 
 
 def yolov7_loss(

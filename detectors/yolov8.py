@@ -7,7 +7,7 @@ names instead of a yaml parser:
   a C2f with shortcuts (3, 6, 6, 3 bottlenecks before depth scaling); ``stage4`` ends in SPPF
   (one 5x5 max-pool applied three times in a row, the four maps concatenated). Outputs at
   strides 8, 16, 32. Conv = conv (no bias) -> BatchNorm (eps 1e-3, momentum 0.03) -> SiLU,
-  which is YOLOX's ``BaseConv``.
+  which is YOLOX's too (``common.BaseConv``). C2f and SPPF are in ``yolov8_blocks.py``.
 * **C2f**: a 1x1 Conv ``cv1`` to ``2c`` channels cut in two halves; the second half feeds a chain
   of bottlenecks (two 3x3 Convs each), and both halves plus every bottleneck's output are
   concatenated into the 1x1 Conv ``cv2``. The two halves of ``cv1`` are coupled to different
@@ -30,8 +30,8 @@ names instead of a yaml parser:
 
 Decoding is anchor-free: location ``(x, y)`` of a level of stride ``s`` has its anchor point at
 ``((x + 0.5) s, (y + 0.5) s)``; each side's distance is the expectation of its softmax over the
-bins (DFL's integral) times ``s``; the box is the point minus/plus those distances. Training:
-``yolov8_loss`` (task-aligned assignment, BCE, CIoU, DFL).
+bins (DFL's integral, ``common.integral``) times ``s``; the box is the point minus/plus those
+distances. Training: ``yolov8_loss`` (task-aligned assignment, BCE, CIoU, DFL).
 
 Sizes: yolov8.yaml's ``n``/``s``/``m`` scales; channels ``ceil(min(c, max_channels) * width / 8) * 8``,
 repeats ``max(round(n * depth), 1)``. The harness's CPU-trainable size ``tiny`` is YOLOv8-n itself.
@@ -55,12 +55,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms
 
-from .base import Detector, DetectorError, letterbox, register
-from .gfl import integral
+from .base import Detector, register
+from .common import PAD_VALUE, BaseConv, LetterboxDetector, detections, integral, letterbox
+from .yolov8_blocks import SPPF, C2f
 from .yolov8_loss import task_aligned_assign, yolov8_loss
-from .yolox import BaseConv
 
 SIZES: dict[str, dict[str, float]] = {
     "n": {"depth": 0.33, "width": 0.25, "max_channels": 1024},
@@ -70,74 +69,10 @@ SIZES: dict[str, dict[str, float]] = {
     "tiny": {"depth": 0.33, "width": 0.25, "max_channels": 1024},
 }
 REG_MAX = 16
-PAD_VALUE = 114 / 255  # Ultralytics' letterbox grey
 
 
 def make_divisible(x: float, divisor: int = 8) -> int:
     return math.ceil(x / divisor) * divisor
-
-
-def _size(size: str) -> dict[str, float]:
-    if size not in SIZES:
-        raise DetectorError(f"unknown size '{size}'; known: {', '.join(SIZES)}")
-    return SIZES[size]
-
-
-# -- building blocks -----------------------------------------------------------------------------
-
-
-class Bottleneck(nn.Module):
-    """C2f's bottleneck: two 3x3 Convs (expansion 1.0), a residual add when ``shortcut``."""
-
-    def __init__(self, channels: int, shortcut: bool) -> None:
-        super().__init__()
-        self.cv1 = BaseConv(channels, channels, 3)
-        self.cv2 = BaseConv(channels, channels, 3)
-        self.add = shortcut
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.cv2(self.cv1(x))
-        return x + y if self.add else y
-
-
-class C2f(nn.Module):
-    """CSP bottleneck with two convolutions: ``cv1``'s output is cut in two halves, the second
-    runs through ``n`` bottlenecks, both halves and every bottleneck output go into ``cv2``
-    (a slice rather than ``chunk``: see the module docstring)."""
-
-    def __init__(self, cin: int, cout: int, n: int = 1, shortcut: bool = False) -> None:
-        super().__init__()
-        self.c = int(cout * 0.5)
-        self.cv1 = BaseConv(cin, 2 * self.c, 1)
-        self.cv2 = BaseConv((2 + n) * self.c, cout, 1)
-        self.m = nn.ModuleList(Bottleneck(self.c, shortcut) for _ in range(n))
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.cv1(x)
-        kept = self.m[0].cv1.conv.weight.shape[1]  # the second half's width, pruned or not
-        parts = [y]  # = cat(first half, second half), as one tensor for the pruning graph
-        h = y[:, y.shape[1] - kept :]  # the second half
-        for block in self.m:
-            h = block(h)
-            parts.append(h)
-        return self.cv2(torch.cat(parts, dim=1))
-
-
-class SPPF(nn.Module):
-    """Fast spatial pyramid pooling: one 5x5 max-pool three times in a row (= pools 5, 9, 13)."""
-
-    def __init__(self, cin: int, cout: int, k: int = 5) -> None:
-        super().__init__()
-        hidden = cin // 2
-        self.cv1 = BaseConv(cin, hidden, 1)
-        self.cv2 = BaseConv(4 * hidden, cout, 1)
-        self.m = nn.MaxPool2d(k, stride=1, padding=k // 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        maps = [self.cv1(x)]
-        for _ in range(3):
-            maps.append(self.m(maps[-1]))
-        return self.cv2(torch.cat(maps, dim=1))
 
 
 # -- backbone, neck, head ------------------------------------------------------------------------
@@ -242,26 +177,25 @@ def decode(dist_logits: Tensor, points: Tensor, strides: Tensor) -> Tensor:
 # -- the detector --------------------------------------------------------------------------------
 
 
-class YOLOv8(Detector):
+class YOLOv8(LetterboxDetector):
     """YOLOv8 behind the harness's Detector contract."""
+
+    family, sizes = "yolov8", SIZES
+    postprocessing = {"score_thresh": 0.05, "nms_thresh": 0.7, "detections_per_img": 300}
 
     def __init__(
         self,
         num_classes: int,
         size: str = "tiny",
         input_size: int = 128,
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.7,
-        detections_per_img: int = 300,
         max_candidates: int = 30000,
         topk: int = 10,
         alpha: float = 0.5,
         beta: float = 6.0,
+        **postprocessing: float,
     ) -> None:
-        super().__init__()
-        cfg = _size(size)
-        if input_size % 32:
-            raise DetectorError(f"yolov8 needs an input size divisible by 32, got {input_size}")
+        super().__init__(num_classes, size, input_size, **postprocessing)
+        cfg = SIZES[size]
         depth, width, max_ch = cfg["depth"], cfg["width"], cfg["max_channels"]
         widths = tuple(make_divisible(min(c, max_ch) * width) for c in (64, 128, 256, 512, 1024))
         n3, n6 = (max(round(n * depth), 1) for n in (3, 6))
@@ -270,9 +204,7 @@ class YOLOv8(Detector):
         # nn.Module.__setattr__ files a module under _modules, past the contract's ``neck`` property
         self.neck = Neck(*widths[2:], n3)
         self.head = DetectHead(num_classes, widths[2:], self.strides, REG_MAX)
-        self.num_classes, self.input_size, self.reg_max = num_classes, input_size, REG_MAX
-        self.score_thresh, self.nms_thresh = score_thresh, nms_thresh
-        self.detections_per_img, self.max_candidates = detections_per_img, max_candidates
+        self.reg_max, self.max_candidates = REG_MAX, max_candidates
         self.topk, self.alpha, self.beta = topk, alpha, beta
 
     # the network -----------------------------------------------------------------------------
@@ -291,9 +223,6 @@ class YOLOv8(Detector):
 
     def prune_ignored(self) -> list[nn.Module]:
         return [*self.head.cls_preds, *self.head.box_preds]
-
-    def preprocess(self, images: list[Tensor]) -> Tensor:
-        return letterbox(images, self.input_size, PAD_VALUE)[0]
 
     def _grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return anchor_points(x.shape[-2], x.shape[-1], self.strides, x.device)
@@ -361,12 +290,11 @@ class YOLOv8(Detector):
             score = scores[b, anchor, label]
             order = score.argsort(descending=True)[: self.max_candidates]
             anchor, label, score = anchor[order], label[order], score[order]
-            keep = batched_nms(boxes[b, anchor], score, label, self.nms_thresh)[: self.detections_per_img]
-            h, w = image.shape[-2:]
-            img_boxes = boxes[b, anchor[keep]] / scale
-            img_boxes[:, 0::2] = img_boxes[:, 0::2].clamp(0, w)
-            img_boxes[:, 1::2] = img_boxes[:, 1::2].clamp(0, h)
-            results.append({"boxes": img_boxes, "scores": score[keep], "labels": label[keep]})
+            results.append(
+                detections(
+                    boxes[b, anchor], score, label, image, scale, self.nms_thresh, self.detections_per_img
+                )
+            )
         return results
 
 

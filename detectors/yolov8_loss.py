@@ -9,7 +9,7 @@
   class scaled to ``t / max t (over the box's positives) · max u (over them)``: the best-aligned
   positive of each box is trained towards the best IoU reached on that box, the others below it.
 * **Loss**: BCE on every location and class against those soft targets; ``1 - CIoU`` on the
-  positives and DFL (``gfl.distribution_focal_loss`` on the four sides, mean over sides), both
+  positives and DFL (``common.distribution_focal_loss`` on the four sides, mean over sides), both
   weighted by the positive's target score. All three are divided by the sum of the target scores
   over the batch, then scaled by the gains box 7.5, cls 0.5, dfl 1.5 (Ultralytics' defaults, which
   DCODP keeps).
@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchvision.ops import complete_box_iou, complete_box_iou_loss
 
-from .gfl import distribution_focal_loss
+from .common import distribution_focal_loss
 
 BOX_GAIN, CLS_GAIN, DFL_GAIN = 7.5, 0.5, 1.5
 

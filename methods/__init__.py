@@ -1,11 +1,13 @@
-"""Pruning methods behind one interface; importing the package registers every method."""
+"""Pruning methods behind one interface; importing the package registers every method.
 
-from . import chip, dcodp, engine, groupfisher, hrank, l1, ldt, px, random  # noqa: F401  (registers the methods)
-from .base import Method, build_method, method_names, register, use_engine
-from .sizes import count_channels, count_gmacs, count_params
-from .types import PRUNE_DEFAULTS, MethodError, PruneContext, PruneReport, Target
+One file per criterion beside ``engine/``, the machinery they share (``methods/engine``).
+"""
 
-use_engine(engine.prune)
+from . import chip, dcodp, groupfisher, hrank, l1, ldt, px, random  # noqa: F401  (registers the methods)
+from .engine import prune
+from .engine.base import Method, build_method, method_names, register
+from .engine.sizes import count_channels, count_gmacs, count_params
+from .engine.types import PRUNE_DEFAULTS, MethodError, PruneContext, PruneReport, Target
 
 __all__ = [
     "PRUNE_DEFAULTS",
@@ -19,5 +21,6 @@ __all__ = [
     "count_gmacs",
     "count_params",
     "method_names",
+    "prune",
     "register",
 ]

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .activations import FeatureMapCriterion
-from .base import register
+from .engine.activations import FeatureMapCriterion
+from .engine.base import register
 from .secular import downdate_spectra, lapack_single_thread, minor_spectra
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .activations import FeatureMapCriterion
-from .base import register
 from .chip import nuclear_norm_drops
+from .engine.activations import FeatureMapCriterion
+from .engine.base import register
 
 
 def coupling_per_image(feats: Tensor) -> Tensor:

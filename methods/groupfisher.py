@@ -24,7 +24,7 @@ iterations, then ranks the normalised scores globally and removes channels for r
   its input and puts a *tensor* hook on that view, so the gradient seen is the one flowing back
   through this layer (and this call: FCOS runs its head convolutions once per pyramid level, the
   calls add up as they would for one shared mask). No module backward hooks.
-* Costs (``methods.sizes.channel_costs``) follow fvcore's counting at the model's input size: a
+* Costs (``methods.engine.sizes.channel_costs``) follow fvcore's counting at the model's input size: a
   channel's GMACs are its producers' output channel plus its consumers' input channel (batch
   norm 2 per element); its activation memory is the producing convolutions' output elements, as
   in the official code.
@@ -36,15 +36,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
 
 from detectors.base import Detector
 
-from .base import Method, register
-from .groups import ChannelScores, Group, describe_groups, fixed_layers
-from .sizes import channel_costs, output_positions
-from .types import MethodError, PruneContext
+from .engine.base import Method, register
+from .engine.groups import ChannelScores, Group, describe_groups, fixed_layers
+from .engine.sizes import channel_costs, output_positions
+from .engine.training import TrainingHook
+from .engine.types import MethodError, PruneContext
 
 NORMALIZERS = ("flops", "memory")
 
@@ -94,7 +94,7 @@ def normalized_scores(scores: Tensor, cost: Tensor | float) -> Tensor:
 # -- collecting the Fisher scores ----------------------------------------------------------------
 
 
-class FisherCollector:
+class FisherCollector(TrainingHook):
     """Tensor hooks on the consumer layers' inputs; ``scores[i]`` is group i's accumulated s.
 
     Use as a context manager around forward/backward passes and call ``fold()`` after each
@@ -192,7 +192,7 @@ class GroupFisher(Method):
         self._collector = FisherCollector(describe_groups(model))
         return [self._collector]
 
-    def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
+    def importance(self, model: Detector, ctx: PruneContext) -> ChannelScores:
         """The collected Fisher sums per unit of saving, attached to each group's root layer."""
         if self._collector is None:
             raise MethodError("groupfisher scores what its training collected: run it through the engine")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .activations import FeatureMapCriterion
-from .base import register
+from .engine.activations import FeatureMapCriterion
+from .engine.base import register
 
 
 def hrank_ranks(feats: Tensor) -> Tensor:

@@ -31,18 +31,18 @@ from __future__ import annotations
 import copy
 import weakref
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from detectors.base import Detector
 
-from .base import Method, register
-from .groups import ROOT_TYPES, ChannelScores, fixed_layers
+from .engine.base import Method, register
+from .engine.groups import ROOT_TYPES, ChannelScores, fixed_layers
+from .engine.training import neck_maps
+from .engine.types import Batch, Losses, Maps, MethodError, PruneContext
 from .ldt_math import (
     FEW_CLASSES,
     NONFINITE,
@@ -52,10 +52,12 @@ from .ldt_math import (
     covariance_penalty,
     discriminants,
     discriminating_power,
-    ld_loss_and_top,
+    generalized_eigvals,
+    ld_loss_of_eigenvalues,
     location_attention,
     map_instances,
     normalise_instances,
+    with_head,
 )
 from .ldt_regime import (
     REGIME_KEYS,
@@ -63,11 +65,10 @@ from .ldt_regime import (
     Trajectory,
     capture,
     check_options,
+    device_batches,
     new_counters,
     scoring_mode,
 )
-from .training import neck_maps
-from .types import Batch, Losses, Maps, MethodError, PruneContext
 
 
 @register("ldt")
@@ -203,7 +204,11 @@ class LDT(Method):
                 self._skip(counter, reason)
                 continue
             try:
-                ld_s, top = ld_loss_and_top(Xp, yp, o["epsilon"], o["lam"], o["ridge"], o["transform"])
+                nu = generalized_eigvals(Xp, yp, o["lam"], o["ridge"])
+                ld_s, top = (
+                    ld_loss_of_eigenvalues(nu, yp, o["epsilon"], o["transform"]),
+                    float(nu[-1].detach()),
+                )
                 cov_s = covariance_penalty(Xp, o["cov_relative"])
             except DegenerateScatter as exc:
                 self._skip(counter, exc.reason)
@@ -222,13 +227,6 @@ class LDT(Method):
         return total.to(dtype)
 
     # -- scoring ---------------------------------------------------------------------------------
-    def _batches(self, ctx: PruneContext, device: torch.device, desc: str) -> Iterator[tuple[list, list]]:
-        for images, targets in tqdm(ctx.calibration, desc=desc, disable=not ctx.progress, leave=False):
-            yield (
-                [im.to(device) for im in images],
-                [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets],
-            )
-
     def prepare(self, model: Detector, ctx: PruneContext) -> None:
         """Pool the calibration instances per scale and solve for ``(ν, V)`` once."""
         self.discriminants, self.summary = [], []
@@ -241,7 +239,7 @@ class LDT(Method):
         feats: list[list[Tensor]] = []
         labels: list[Tensor] = []
         with scoring_mode(model, "discriminant"), torch.no_grad(), capture(model.neck) as outs:
-            for images, targets in self._batches(ctx, device, "ldt discriminants"):
+            for images, targets in device_batches(ctx, device, "ldt discriminants"):
                 x = model.preprocess(images)
                 outs.clear()
                 model.core(x)
@@ -323,7 +321,7 @@ class LDT(Method):
         counter = self.counters["trace"]
         handles = [m.register_forward_hook(keep) for m in layers]
         try:
-            for images, targets in self._batches(ctx, device, f"ldt tracing ({utility})"):
+            for images, targets in device_batches(ctx, device, f"ldt tracing ({utility})"):
                 records.clear()
                 objectives: dict[str, Tensor | None] = {}
                 with scoring_mode(model, mode), torch.enable_grad(), capture(model.neck) as outs:
@@ -358,25 +356,10 @@ class LDT(Method):
             records.clear()
         if utility == "detection":
             return scores["det"]
-        return self._with_head(scores["D"], scores["det"]) if head else scores["D"]
-
-    def _with_head(
-        self, traced: dict[nn.Module, Tensor], det: dict[nn.Module, Tensor]
-    ) -> dict[nn.Module, Tensor]:
-        """``traced`` plus the layers only the detection loss reaches, on ``traced``'s footing: the
-        detection scores times the median over the shared layers of (mean traced / mean det)."""
-        ratios = sorted(
-            float(traced[m].mean() / det[m].mean())
-            for m in traced
-            if m in det and float(det[m].mean()) > 0 and float(traced[m].mean()) > 0
-        )
-        only = [m for m in det if m not in traced]
-        self.head_notes = {"head_layers": len(only), "shared_layers": len(ratios)}
-        if not ratios or not only:
-            return traced
-        scale = ratios[len(ratios) // 2]
-        self.head_notes["head_scale"] = scale
-        return traced | {m: det[m] * scale for m in only}
+        if not head:
+            return scores["D"]
+        merged, self.head_notes = with_head(scores["D"], scores["det"])
+        return merged
 
     def _layer_importance(self, F: Tensor, grad: Tensor, inst: Instances, cache: dict) -> Tensor:
         """``Σ_n Σ_p A_n(p) |w_{c,n} F_{c,n}(p)|`` for one captured output (``[C]``)."""
@@ -390,7 +373,7 @@ class LDT(Method):
             per = F.abs().sum(dim=(2, 3))
         return (w * per).sum(dim=0)
 
-    def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
+    def importance(self, model: Detector, ctx: PruneContext) -> ChannelScores:
         names = {m: n for n, m in model.named_modules()}
         return ChannelScores(model, {names[m]: s for m, s in self.trace(model, ctx).items()})
 

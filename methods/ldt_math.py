@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -122,7 +123,7 @@ def _centred_scatter(X: Tensor) -> Tensor:
 
 
 def scatter_matrices(
-    X: Tensor, y: Tensor, lam: float = 1e-3, ridge: str = "absolute"
+    X: Tensor, y: Tensor, lam: float = 1e-3, ridge: str = "total"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Deep LDA's equal-class scatters in float64: ``(S_b, S_w + ridge, S_t)``.
 
@@ -166,7 +167,7 @@ def _whitened(X: Tensor, y: Tensor, lam: float, ridge: str) -> tuple[Tensor, Ten
     return (M + M.T) / 2, L
 
 
-def generalized_eigvals(X: Tensor, y: Tensor, lam: float = 1e-3, ridge: str = "absolute") -> Tensor:
+def generalized_eigvals(X: Tensor, y: Tensor, lam: float = 1e-3, ridge: str = "total") -> Tensor:
     """All ``ν`` of ``S_b v = ν S_w v``, ascending, float64, differentiable (``eigvalsh``)."""
     M, _ = _whitened(X, y, lam, ridge)
     nu = torch.linalg.eigvalsh(M)
@@ -185,38 +186,32 @@ def ld_loss(
     y: Tensor,
     epsilon: float = 1.2,
     lam: float = 1e-3,
-    ridge: str = "absolute",
-    transform: str = "none",
+    ridge: str = "total",
+    transform: str = "log",
 ) -> Tensor:
     """``-mean`` of the top ``n-1`` eigenvalues that lie within ``epsilon`` of their minimum.
 
     ``X``: ``[K, C]`` instance features, ``y``: ``[K]`` labels. Returns a float64 scalar.
-    The window is taken on the eigenvalues themselves; ``transform = "log"`` then averages
-    ``log(1 + ν)`` (``ν`` clamped at 0), so the loss is bounded below by ``-log(1 + ν_max)``
-    (with ``ridge = "total"``, ``ν_max <= C / lam``) and its gradient by ``1 / (1 + ν)``.
+    The defaults are LDT's well-posed reading (DESIGN.md §4): a ridge relative to the total
+    scatter, so ``ν_max <= C / lam``, and ``transform = "log"``, which averages ``log(1 + ν)``
+    (``ν`` clamped at 0), so the loss is bounded below by ``-log(1 + ν_max)`` and its gradient by
+    ``1 / (1 + ν)``; ``ridge="absolute", transform="none"`` is the ill-posed original.
     Raises ``DegenerateScatter`` where the analysis is undefined (the caller skips the scale).
     """
-    return ld_loss_and_top(X, y, epsilon, lam, ridge, transform)[0]
+    return ld_loss_of_eigenvalues(generalized_eigvals(X, y, lam, ridge), y, epsilon, transform)
 
 
-def ld_loss_and_top(
-    X: Tensor,
-    y: Tensor,
-    epsilon: float = 1.2,
-    lam: float = 1e-3,
-    ridge: str = "absolute",
-    transform: str = "none",
-) -> tuple[Tensor, float]:
-    """``ld_loss`` and the largest generalised eigenvalue (for the regime's trajectory)."""
+def ld_loss_of_eigenvalues(nu: Tensor, y: Tensor, epsilon: float = 1.2, transform: str = "log") -> Tensor:
+    """``ld_loss`` from all ``C`` generalised eigenvalues ``nu`` (ascending) of labels ``y``'s
+    problem: the regime computes ``nu`` once for the loss and its trajectory's top eigenvalue."""
     if transform not in TRANSFORMS:
         raise ValueError(f"transform must be one of {', '.join(TRANSFORMS)}, not {transform!r}")
-    nu = generalized_eigvals(X, y, lam, ridge)
-    top = nu[-_top_count(y, X.shape[1]) :]
+    top = nu[-_top_count(y, nu.shape[0]) :]
     window = top.detach() <= top.detach().min() + epsilon
     kept = top[window]
     if transform == "log":
         kept = torch.log1p(kept.clamp(min=0))
-    return -kept.mean(), float(nu[-1].detach())
+    return -kept.mean()
 
 
 def ld_loss_bound(channels: int, lam: float, transform: str = "log") -> float:
@@ -235,7 +230,7 @@ def normalise_instances(X: Tensor) -> Tensor:
     return X / X.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
-def covariance_penalty(X: Tensor, relative: bool = False) -> Tensor:
+def covariance_penalty(X: Tensor, relative: bool = True) -> Tensor:
     """``|| S_t - diag(S_t) ||_F^2``: the squared off-diagonal total scatter, float64.
 
     ``relative``: divided by ``tr(S_t)^2``, which bounds it in ``[0, 1)`` (``||S||_F <= tr S``
@@ -255,7 +250,7 @@ def covariance_penalty(X: Tensor, relative: bool = False) -> Tensor:
     return penalty
 
 
-def discriminants(X: Tensor, y: Tensor, lam: float = 1e-3, ridge: str = "absolute") -> tuple[Tensor, Tensor]:
+def discriminants(X: Tensor, y: Tensor, lam: float = 1e-3, ridge: str = "total") -> tuple[Tensor, Tensor]:
     """The top ``n-1`` discriminants ``(ν [m], V [C, m])``, largest first, float64, no gradient.
 
     ``V``'s columns solve ``S_b v = ν S_w v`` with ``vᵀ S_w v = 1``. An eigenvector's sign is
@@ -310,6 +305,22 @@ def location_attention(
     ry = (ys[None, :] - cy[:, None]).abs() / hh[:, None]  # [K, H]
     rho = torch.maximum(ry[:, :, None], rx[:, None, :])  # [K, H, W]
     return torch.exp(-a * rho.pow(b)).amax(dim=0)
+
+
+def with_head(traced: dict[Any, Tensor], det: dict[Any, Tensor]) -> tuple[dict[Any, Tensor], dict[str, Any]]:
+    """``traced`` plus the layers only the detection loss reaches, on ``traced``'s footing (the
+    detection scores times the median over the shared layers of mean traced / mean det); notes."""
+    ratios = sorted(
+        float(traced[m].mean() / det[m].mean())
+        for m in traced
+        if m in det and float(det[m].mean()) > 0 and float(traced[m].mean()) > 0
+    )
+    only = [m for m in det if m not in traced]
+    notes: dict[str, Any] = {"head_layers": len(only), "shared_layers": len(ratios)}
+    if not ratios or not only:
+        return traced, notes
+    notes["head_scale"] = scale = ratios[len(ratios) // 2]
+    return traced | {m: det[m] * scale for m in only}, notes
 
 
 # -- ground truth in the tensor the network sees ---------------------------------------------

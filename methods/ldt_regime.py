@@ -1,6 +1,6 @@
 """LDT's plumbing beyond the math: its options, the queue of recent instances that makes the
 scatter well posed (K >> C), the per-epoch trajectory the runner stores with every LDT baseline,
-and the modes and captures its tracing runs in."""
+and the modes, captures and batches its tracing runs in."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from .groups import NORMS
+from .engine.groups import NORMS
+from .engine.training import TrainingHook
+from .engine.types import Losses, MethodError, PruneContext
 from .ldt_math import RIDGES, SKIP_REASONS, TRANSFORMS
-from .types import Losses, MethodError
 
 UTILITIES = ("discriminant", "detection")
 HEADS = ("detection", "none")
@@ -84,7 +86,7 @@ class InstanceQueue:
         return sum(int(x.shape[0]) for x in self._X.values())
 
 
-class Trajectory:
+class Trajectory(TrainingHook):
     """Per-epoch means of the regime's terms (and the lowest ``ld``): a hook of the shared loop
     (``before_epoch`` opens an epoch, ``after_train`` closes the last). ``probe`` is true on an
     epoch's first LDT step, where the LD and detection gradients are measured separately."""
@@ -134,6 +136,15 @@ class Trajectory:
                 epoch["ld_min"] = min(self._values["ld"])
             self.epochs.append(epoch)
         self._values, self.probe = None, False
+
+
+def device_batches(ctx: PruneContext, device: torch.device, desc: str) -> Iterator[tuple[list, list]]:
+    """The calibration batches on ``device``, with a progress bar when the context asks for one."""
+    for images, targets in tqdm(ctx.calibration, desc=desc, disable=not ctx.progress, leave=False):
+        yield (
+            [im.to(device) for im in images],
+            [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets],
+        )
 
 
 def grad_norm(loss: Tensor, params: list[nn.Parameter]) -> float:

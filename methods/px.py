@@ -90,14 +90,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torch_pruning as tp
 from torch import Tensor, nn
 
 from detectors.base import Detector
 
-from .base import Method, register
-from .groups import ACTIVATIONS, NORMS, ChannelScores
-from .types import MethodError, PruneContext
+from .engine.base import Method, register
+from .engine.groups import ACTIVATIONS, NORMS, ChannelScores
+from .engine.types import MethodError, PruneContext
 
 LINEAR_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -359,7 +358,7 @@ class PX(Method):
             inputs = [model.preprocess([im.to(device) for im in images]) for images, _ in ctx.calibration]
         return px_saliencies(model, inputs, bn_variance=self.options["bn_variance"])
 
-    def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
+    def importance(self, model: Detector, ctx: PruneContext) -> ChannelScores:
         """A filter's S and its norm's γ, summed over the group's output-pruned layers, then
         divided by the group's mean unless ``normalize="none"``."""
         scores = filter_scores(self.saliencies(model, ctx))

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import torch
-import torch_pruning as tp
+from torch import Tensor
 
 from detectors.base import Detector
 
-from .base import Method, register
-from .types import PruneContext
+from .engine.base import Method, register
+from .engine.groups import ChannelScores, dependency_graph, prunable_groups
+from .engine.types import PruneContext
 
 
-class SeededRandomImportance(tp.importance.Importance):
-    """Uniform scores from a seeded generator, so a cell's random choice is reproducible."""
-
-    def __init__(self, seed: int) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, group, **kwargs) -> torch.Tensor:
-        return torch.rand(len(group[0].idxs), generator=self.generator)
+def random_scores(sizes: dict[str, int], seed: int) -> dict[str, Tensor]:
+    """Uniform scores for each layer of ``sizes`` in its order, from one generator of ``seed``:
+    the same draws in the same order for the same model, so a cell's choice is reproducible."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: torch.rand(size, generator=generator) for name, size in sizes.items()}
 
 
 @register("random")
@@ -29,8 +27,13 @@ class Random(Method):
     scope = "local"
     defaults = {"draw": 0}
 
-    def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
-        return SeededRandomImportance(score_seed(ctx.seed, int(self.options["draw"])))
+    def importance(self, model: Detector, ctx: PruneContext) -> ChannelScores:
+        """One draw per prunable group, at its root, in the order the engine scores the groups."""
+        names = {m: n for n, m in model.named_modules()}
+        groups = prunable_groups(model, dependency_graph(model))
+        sizes = {names[g[0].dep.target.module]: len(g[0].idxs) for g in groups}
+        scores = random_scores(sizes, score_seed(ctx.seed, int(self.options["draw"])))
+        return ChannelScores(model, scores, root_only=True)
 
 
 def score_seed(seed: int, draw: int) -> int:

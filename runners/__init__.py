@@ -1,4 +1,10 @@
-"""Suites -> cells -> rows: the pipeline, the training loop, measurements and the CLI."""
+"""Suites -> cells -> rows: suite files, one cell's pipeline, the driver and its executors, the CLI.
+
+``suite.py`` expands a suite into cells; ``cells.py`` computes one (baseline from ``baselines.py``
+-> ``prune.py`` -> ``evaluate.py`` and ``measure.py`` -> a row); ``executors/`` runs a suite's cells
+(the driver stores each outcome; ``local`` and ``ray`` decide where a cell runs); ``cli.py`` is
+``detprune``. The training loop is the methods' (``methods/engine``).
+"""
 
 import warnings
 

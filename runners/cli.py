@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 import tomllib
 from pathlib import Path
 
-import pandas as pd
 import torch
 from tqdm import tqdm
 
-from datasets import DATASETS, DatasetError, build_dataset
+from datasets import DatasetError, build_dataset, dataset_names
 from detectors import (
     ChecksumError,
     Detector,
@@ -26,25 +24,17 @@ from detectors import (
     save_checkpoint,
 )
 from methods import PRUNE_DEFAULTS, MethodError, Target, build_method, method_names
-from methods.training import Schedule
-from results import (
-    ResultStore,
-    StoreError,
-    code_line,
-    compare,
-    machine_line,
-    reference_store,
-    render_failures,
-    render_table,
-    write_reports,
-)
+from methods.engine.training import Schedule
+from results import ResultStore, StoreError, compare, reference_store
 
 from . import faults, measure, provenance, verify
-from .cells import Runner
 from .evaluate import evaluate
+from .executors import Driver, executor_names, get_executor
+from .inputs import check_device
 from .prune import prune_and_finetune
 from .recompute import MODES, Recompute
 from .suite import SuiteError, load_suite, parse_override, suite_names
+from .tables import report_suite
 
 USER_ERRORS = (DatasetError, DetectorError, MethodError, SuiteError, StoreError, FileNotFoundError)
 
@@ -53,95 +43,22 @@ def _overrides(args: argparse.Namespace) -> dict:
     return dict(parse_override(text) for text in args.set or [])
 
 
-def _report(suite_arg: str, results_dir: Path, overrides: dict) -> list[Path]:
-    """Tables for the suite's current cells only: rows of an edited suite's old cells stay out."""
-    suite = load_suite(suite_arg, overrides)
-    out_dir = results_dir / suite.name
-    store_path = out_dir / "results.sqlite"
-    if not store_path.is_file():
-        raise SuiteError(f"no results for suite '{suite.name}' at {store_path}; run it first")
-    # a cell is its id (what determines it), whichever suite ran it: smoke-seeds reuses smoke's seed 0
-    store = ResultStore(store_path)
-    cells = suite.cells()
-    store.rekey({c.legacy_cell_id: c.cell_id for c in cells})  # a store of the previous id scheme
-    ids = {c.cell_id for c in cells}
-    frame = store.frame()
-    matched = frame[frame["cell_id"].isin(ids)]
-    failures = store.failures()
-    failures = failures[failures["cell_id"].isin(ids)]
-    if matched.empty and failures.empty and not frame.empty:
-        # an override changes every cell's id: a report without the run's --set finds none of them
-        raise SuiteError(
-            f"{store_path} holds {len(frame)} rows, none of them a cell of suite '{suite.name}' as "
-            "configured now; pass the --set overrides the run was given"
-        )
-    _say_provenance(suite.name, store_path, matched, len(frame) - len(matched))
-    frame = matched
-    paths = write_reports(frame, out_dir, suite.name, failures)
-    for dataset in sorted(frame["dataset"].unique()):
-        print(f"\n## {suite.name} / {dataset}\n")
-        print(render_table(frame[frame["dataset"] == dataset]))
-    if not failures.empty:
-        print(f"\n## {suite.name}: {len(failures)} failed cells (no row; a rerun retries them)\n")
-        print(render_failures(failures))
-    return paths
-
-
-def _say_provenance(suite: str, store_path: Path, rows: pd.DataFrame, unmatched: int) -> None:
-    """Which code, libraries and machines the reported rows came from; how many are stale; how
-    many rows of the store are no cell of the suite as configured now (never reused)."""
-    print(f"## {suite}: {len(rows)} rows from\n\n{code_line(rows)}\n{machine_line(rows)}", file=sys.stderr)
-    made = rows.reindex(columns=["code_digest", "harness_commit", "harness_dirty"]).to_dict("records")
-    for line in provenance.describe_stale([{k: _value(v) for k, v in m.items()} for m in made]):
-        print(f"detprune: {line}", file=sys.stderr)
-    if unmatched:
-        print(
-            f"detprune: {unmatched} rows of {store_path} are no cell of suite '{suite}' as configured "
-            "now (another configuration, or an id no scheme here reconstructs): left out of the tables",
-            file=sys.stderr,
-        )
-
-
-def _value(value: object) -> object:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-
-def _device(name: str) -> str:
-    """A device torch knows and this machine has, or one line saying which it lacks."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise SuiteError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SuiteError(f"--device {name}: this machine has no CUDA device; use --device cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise SuiteError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
-    return name
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, _overrides(args))
     jobs = args.jobs if args.jobs is not None else suite.jobs
     if jobs < 1:
         raise SuiteError(f"--jobs {jobs}: needs at least 1 worker")
-    ray = args.executor == "ray"
-    if ray and not (args.cpus_per_cell > 0 and args.gpus_per_cell >= 0 and args.max_retries >= 0):
-        raise SuiteError("--cpus-per-cell must be > 0, --gpus-per-cell and --max-retries >= 0")
-    runner = Runner(
+    executor = get_executor(args.executor).from_args(args, jobs)
+    driver = Driver(
         suite,
         args.results_dir,
         args.work_dir,
-        args.device if ray else _device(args.device),  # under Ray the device is the workers'
+        args.device if executor.remote else check_device(args.device),  # a remote executor's: the workers'
         progress=not args.no_progress,
         retry_failed=not args.skip_failed,
         recompute=Recompute(args.recompute),
     )
-    if ray:
-        from .ray_executor import run_on_ray  # Ray is an optional extra: imported only when asked for
-
-        counts = run_on_ray(runner, args.address, args.cpus_per_cell, args.gpus_per_cell, args.max_retries)
-    else:
-        counts = runner.run(jobs=jobs)
+    counts = driver.run(executor)
     failed = f", {counts['failed']} failed" if counts["failed"] else ""
     left = (
         f", {counts['left_failed']} failed before and left (--skip-failed)" if counts["left_failed"] else ""
@@ -151,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{counts['skipped']} already done{left}"
     )
     faults.reached("tables")
-    paths = _report(args.suite, args.results_dir, suite.overrides)
+    paths = report_suite(args.suite, args.results_dir, suite.overrides)
     out_dir = Path(args.results_dir) / suite.name
     reference = reference_store(suite.name)
     if reference is not None and reference.resolve() != (out_dir / "results.sqlite").resolve():
@@ -171,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    for path in _report(args.suite, args.results_dir, _overrides(args)):
+    for path in report_suite(args.suite, args.results_dir, _overrides(args)):
         print(f"wrote {path}")
     return 0
 
@@ -200,7 +117,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     print("methods:   " + ", ".join(method_names()))
     print("detectors: " + ", ".join(detector_names()))
-    print("datasets:  " + ", ".join(DATASETS))
+    print("datasets:  " + ", ".join(dataset_names()))
     print("suites:    " + ", ".join(suite_names()))
     return 0
 
@@ -251,7 +168,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"{checkpoint} predicts {model.spec['num_classes']} classes; {args.data} has "
             f"{len(train_set.classes)} ({', '.join(train_set.classes[:5])}...)"
         )
-    model.to(torch.device(_device(args.device))).eval()
+    model.to(torch.device(check_device(args.device))).eval()
     original = copy.deepcopy(model)
     val_set = build_dataset(args.data, "val", root=args.data_root)
     knobs = ("round_to", "max_layer_ratio", "tolerance", "calibration_images")
@@ -321,16 +238,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--jobs", type=int, default=None, help="worker processes (default: the suite's `jobs`)")
     run.add_argument(
         "--executor",
-        choices=("local", "ray"),
+        choices=executor_names(),
         default="local",
-        help="local: this process (or --jobs workers); ray: Ray tasks on a cluster (the [ray] extra)",
+        help="; ".join(f"{name}: {get_executor(name).summary}" for name in executor_names()),
     )
-    run.add_argument(
-        "--address", default=None, help="Ray: the cluster to join ('auto': started here with `ray start`)"
-    )
-    run.add_argument("--cpus-per-cell", type=float, default=1.0, help="Ray: CPUs each task asks for")
-    run.add_argument("--gpus-per-cell", type=float, default=0.0, help="Ray: GPUs each task asks for")
-    run.add_argument("--max-retries", type=int, default=2, help="Ray: retries of a task lost with its node")
+    for name in executor_names():  # each executor's own options (Ray's --address, ...)
+        get_executor(name).add_arguments(run)
     run.add_argument(
         "--recompute",
         choices=MODES,
@@ -362,7 +275,7 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint", required=True)
     pr.add_argument("--method", required=True)
     pr.add_argument("--target", required=True, help="e.g. params:0.3, flops:0.4, channels:0.5")
-    pr.add_argument("--data", required=True, help=f"calibration dataset: one of {', '.join(DATASETS)}")
+    pr.add_argument("--data", required=True, help=f"calibration dataset: one of {', '.join(dataset_names())}")
     pr.add_argument("--data-root", default=None)
     pr.add_argument("--out", required=True)
     pr.add_argument(

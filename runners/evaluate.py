@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from datasets.base import DetectionDataset
 from detectors.base import Detector
-from methods.training import collate
+from methods.engine.training import collate
 
 METRICS = ("map", "ap50", "ap75", "aps", "apm", "apl")
 

@@ -1,8 +1,18 @@
 """What happens when things go wrong inside a run: the stage a cell is in, a failed cell's
 record, and a test-only hook that kills the process at a named stage.
 
-The stage is what a failed cell's record names (``"fine-tuning"``, ``"scoring and pruning"``),
-so a reader knows whether a method's criterion, its training or the measurement failed.
+The stage is what a failed cell's record names, so a reader knows whether a method's criterion,
+its training or the measurement failed. The stages a run reaches, in order (``faults.reached``):
+
+- ``starting`` (a cell begins), ``baseline-training``, ``baseline-step``, ``baseline-saved``
+  (``baselines.py``: only when the baseline is trained, not when it is found in the cache);
+- a pruned cell's ``scoring`` (scoring and pruning), ``one-shot-evaluation``, ``fine-tuning``,
+  ``finetune-step`` (``prune.py``), then ``saving`` (``cells.py``: the pruned checkpoint);
+- ``evaluation``, ``timing`` (``cells.py``: every cell, base or pruned);
+- ``store`` (``executors/driver.py``: the row is written), ``tables`` (``cli.py``: after the cells).
+
+A failure recorded at stage ``ray`` is a Ray task that raised outside a cell, or was lost with
+its worker or node (``executors/ray_cluster.py``).
 
 ``DETPRUNE_KILL_AT=STAGE[:N]`` (tests only) sends SIGKILL to this process the N-th time (default
 the first) it reaches STAGE: a kill at a chosen point, not between cells only, which is what a
@@ -19,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from datasets.base import DatasetError
+from methods.engine.training import TrainingHook
 
 KILL_ENV = "DETPRUNE_KILL_AT"
 # a failure of the input, not of a cell: it would fail every cell that reads it, so the run stops
@@ -47,7 +58,7 @@ def current() -> str:
     return _current["stage"]
 
 
-class StageHook:
+class StageHook(TrainingHook):
     """A training-loop hook that reaches ``stage`` after every backward pass (a kill mid-training)."""
 
     def __init__(self, stage: str) -> None:

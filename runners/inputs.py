@@ -13,6 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from datasets import build_dataset, data_path
 from datasets.base import DatasetError, DetectionDataset
 from detectors import DetectorError, build_detector, load_weights_file
@@ -93,3 +95,16 @@ def check_experiments(suite: Suite, datasets: Callable[[Experiment], Pair]) -> N
                 f"{where}: input_size {plan.input_size} is not a multiple of {divisor}, "
                 f"{exp.detector}'s largest backbone stride (try {suggestion})"
             )
+
+
+def check_device(name: str) -> str:
+    """A device torch knows and this machine has, or one line saying which it lacks."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SuiteError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SuiteError(f"--device {name}: this machine has no CUDA device; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SuiteError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return name

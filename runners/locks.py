@@ -7,25 +7,23 @@ never left stale. A run that finds a cell held by another skips it and comes bac
 end (by then the other has stored it, or died and left it to this run); a baseline is waited for,
 so it is trained once however many runs need it.
 
-Temporary files and folders carry their writer's host and process id
-(``.<name>.<host>-<pid>.<rand>.tmp``, a table's ``.tmp.<suffix>``): two runs never write the same
-temporary name, none is ever read, and ``remove_stale`` deletes those whose writer is gone, on
-this host only (another node sharing the folder may be writing its own).
+Temporary files and folders carry their writer's host and process id (the convention and its
+parser live in ``results.files``): two runs never write the same temporary name, none is ever
+read, and ``remove_stale`` deletes those whose writer is gone, on this host only (another node
+sharing the folder may be writing its own).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-_TMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.\w+\.tmp(\.\w+)?$")
+from results.files import host, temporary_writer
 
 
 def lock_path(work_dir: Path, kind: str, key: str) -> Path:
@@ -66,10 +64,10 @@ def remove_stale(folder: Path) -> list[Path]:
     removed = []
     if not Path(folder).is_dir():
         return removed
+    here = host()
     for path in sorted(Path(folder).rglob(".*.tmp*")):
-        found = _TMP.match(path.name)
-        mine = found is not None and found["host"] == socket.gethostname().split(".")[0]
-        if mine and path.exists() and not _alive(int(found["pid"])):
+        writer = temporary_writer(path.name)
+        if writer is not None and writer[0] == here and path.exists() and not _alive(writer[1]):
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from detectors.base import Detector
-from methods.sizes import count_gmacs, count_params
+from methods.engine.sizes import count_gmacs, count_params
 
 
 def _sync(device: torch.device) -> None:

@@ -7,8 +7,8 @@ from typing import Any
 
 from datasets.base import DetectionDataset
 from detectors.base import Detector
-from methods import PRUNE_DEFAULTS, Method, PruneContext, PruneReport, Target
-from methods.training import Schedule, train
+from methods import PRUNE_DEFAULTS, Method, PruneContext, PruneReport, Target, engine
+from methods.engine.training import Schedule, train
 
 from . import faults
 from .evaluate import evaluate
@@ -64,7 +64,7 @@ def prune_and_finetune(
         score_cache=score_cache,
     )
     faults.reached("scoring")
-    report = method.prune(model, ctx, target)
+    report = engine.prune(method, model, ctx, target)
     faults.reached("one-shot-evaluation")
     oneshot = evaluate(model, val_set, eval_batch_size, progress) if val_set is not None else None
     stats: dict[str, Any] = {"loss": float("nan"), "seconds": 0.0, "health": None}

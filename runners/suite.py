@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets import DATASETS
+from datasets import dataset_names
 from detectors import default_size, detector_names
 from methods import PRUNE_DEFAULTS, MethodError, Target, build_method
-from methods.training import Schedule
+from methods.engine.training import Schedule
 
 from . import identity
 from .suite_keys import (
@@ -324,7 +324,7 @@ def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None
         for key in ("detector", "dataset"):
             if key not in entry:
                 raise SuiteError(f"{path}: experiment {i} names no {key}")
-        for key, known in (("detector", detector_names()), ("dataset", list(DATASETS))):
+        for key, known in (("detector", detector_names()), ("dataset", list(dataset_names()))):
             if entry[key] not in known:
                 near = difflib.get_close_matches(str(entry[key]), known, n=1)
                 hint = f" (did you mean '{near[0]}'?)" if near else ""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from methods import PRUNE_DEFAULTS
-from methods.training import Schedule
+from methods.engine.training import Schedule
 
 SUITE_KEYS = set(
     "name description seeds methods targets input_size jobs train finetune prune measure evaluate "

@@ -24,8 +24,8 @@ from datasets import build_dataset
 from detectors import build_detector
 from detectors.base import Detector
 from methods import Method, PruneContext, build_method
-from methods.groups import score_groups
-from methods.training import Schedule, Trainer
+from methods.engine.groups import score_groups
+from methods.engine.training import Schedule, Trainer
 from runners.prune import calibration_batches
 
 pytestmark = pytest.mark.bench

@@ -9,9 +9,10 @@ import torch
 
 from detectors import build_detector
 from methods import MethodError, PruneContext, Target, build_method
-from methods.budget import removal_steps
-from methods.groups import GroupScores, score_groups
-from methods.sizes import count_channels, count_params
+from methods.engine import prune
+from methods.engine.budget import removal_steps
+from methods.engine.groups import GroupScores, score_groups
+from methods.engine.sizes import count_channels, count_params
 
 
 def test_target_parse_and_errors() -> None:
@@ -74,7 +75,7 @@ def test_bisection_meets_every_target_within_half_a_point(target: str) -> None:
     model = build_detector("fcos", 3, "tiny", 64).eval()
     pruned = copy.deepcopy(model)
     t = Target.parse(target)
-    report = build_method("l1").prune(pruned, PruneContext(round_to=1), t)
+    report = prune(build_method("l1"), pruned, PruneContext(round_to=1), t)
     assert abs(report.achieved[t.kind] - t.rate) <= 0.005
     assert report.params_after == count_params(pruned) < count_params(model)
     assert count_channels(pruned) < count_channels(model)
@@ -85,16 +86,16 @@ def test_bisection_meets_every_target_within_half_a_point(target: str) -> None:
 
 def test_out_of_reach_target_is_one_clear_error(toy) -> None:
     with pytest.raises(MethodError, match="out of reach"):
-        build_method("l1").prune(
-            toy, PruneContext(round_to=1, max_layer_ratio=0.2), Target.parse("params:0.9")
+        prune(
+            build_method("l1"), toy, PruneContext(round_to=1, max_layer_ratio=0.2), Target.parse("params:0.9")
         )
 
 
 def test_random_is_seeded(toy) -> None:
     a, b, c = (copy.deepcopy(toy) for _ in range(3))
-    build_method("random").prune(a, PruneContext(round_to=1, seed=1), Target.parse("channels:0.5"))
-    build_method("random").prune(b, PruneContext(round_to=1, seed=1), Target.parse("channels:0.5"))
-    build_method("random").prune(c, PruneContext(round_to=1, seed=2), Target.parse("channels:0.5"))
+    prune(build_method("random"), a, PruneContext(round_to=1, seed=1), Target.parse("channels:0.5"))
+    prune(build_method("random"), b, PruneContext(round_to=1, seed=1), Target.parse("channels:0.5"))
+    prune(build_method("random"), c, PruneContext(round_to=1, seed=2), Target.parse("channels:0.5"))
     assert torch.equal(a.conv2.weight, b.conv2.weight)
     assert not torch.equal(a.conv2.weight, c.conv2.weight)
 
@@ -108,8 +109,11 @@ def test_random_draws_are_other_choices_on_the_same_seed_and_draw_zero_is_the_se
         ("d1b", {"draw": 1}, 1),
     ):
         model = copy.deepcopy(toy)
-        build_method("random", **options).prune(
-            model, PruneContext(round_to=1, seed=seed), Target.parse("channels:0.5")
+        prune(
+            build_method("random", **options),
+            model,
+            PruneContext(round_to=1, seed=seed),
+            Target.parse("channels:0.5"),
         )
         pruned[name] = model.conv2.weight
     assert torch.equal(pruned["d0"], pruned["plain"]) and torch.equal(pruned["d1"], pruned["d1b"])

@@ -18,8 +18,10 @@ import datasets
 from datasets import DATASETS, DatasetError, build_dataset
 from datasets.coco import CocoDetection
 from datasets.kitti import KittiDetection, split_ids
-from datasets.synthetic import CATEGORY_IDS, CLASSES, generate
-from methods.training import RandomHorizontalFlip, collate
+from datasets.registry import dataset_names, register_dataset
+from datasets.synthetic import generate
+from datasets.synthetic_drawing import CATEGORY_IDS, CLASSES, GENERATOR_VERSION
+from methods.engine.training import RandomHorizontalFlip, collate
 
 
 def write_png(path: Path, size: tuple[int, int] = (16, 12), colour: tuple[int, ...] = (10, 200, 30)) -> Path:
@@ -309,6 +311,22 @@ def test_registry_names_and_errors(tmp_path):
     with pytest.raises(DatasetError, match="unknown split"):
         build_dataset("synthetic-coco", "test", root=tmp_path)
     assert {"DatasetError", "DetectionDataset", "build_dataset", "DATASETS"} <= set(dir(datasets))
+
+
+def test_registry_lists_generated_sets_first_and_refuses_a_second_registration(tmp_path):
+    generated_first = tuple(sorted(DATASETS, key=lambda n: (not n.startswith("synthetic-"), n)))
+    assert DATASETS == dataset_names() == generated_first and set(datasets.DEFAULTS) == set(DATASETS)
+    with pytest.raises(DatasetError, match="registered twice"):
+        register_dataset("coco", {})(lambda split, root, transform: None)
+    # a generated set's identity carries its generator's version, real data's does not
+    assert datasets.resolved_options("synthetic-voc", {"seed": 3})["generator_version"] == GENERATOR_VERSION
+    assert datasets.resolved_options("voc", {}) == {"protocol": "07+12"}
+    cached = datasets.data_path("synthetic-coco", tmp_path, {"seed": 1})
+    assert cached == tmp_path / "synthetic-s1-n512-v128-i128"
+    assert (
+        datasets.data_path("kitti", tmp_path, {}) == tmp_path
+        and datasets.data_path("kitti", None, {}) is None
+    )
 
 
 def test_registry_real_layouts(tmp_path):

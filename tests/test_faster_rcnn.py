@@ -9,8 +9,8 @@ from torch import nn
 
 from detectors import DetectorError, build_detector
 from detectors.faster_rcnn import fixed_proposals
-from methods.groups import dependency_graph
-from methods.sizes import count_params
+from methods.engine.groups import dependency_graph
+from methods.engine.sizes import count_params
 
 
 @pytest.fixture

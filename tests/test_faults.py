@@ -22,7 +22,7 @@ from methods.l1 import L1
 from methods.random import Random
 from results import ResultStore
 from runners import cli
-from runners.cells import Runner
+from runners.executors import Driver, LocalExecutor
 from runners.suite import load_suite
 from tests.test_grid import TINY_SUITE
 
@@ -102,8 +102,8 @@ def test_a_failed_baseline_fails_its_cells_without_training_again(tmp_path: Path
         calls["n"] += 1
         raise FloatingPointError("baseline fcos/synthetic-coco: loss became inf at step 3")
 
-    monkeypatch.setattr("runners.cells.train", diverge)
-    counts = Runner(suite, tmp_path / "r", tmp_path / "w", progress=False).run()
+    monkeypatch.setattr("runners.baselines.train", diverge)
+    counts = Driver(suite, tmp_path / "r", tmp_path / "w", progress=False).run(LocalExecutor())
     assert counts == {"cells": 3, "ran": 0, "failed": 3, "skipped": 0, "left_failed": 0} and calls["n"] == 1
     failures = ResultStore(tmp_path / "r" / "tiny").failures()
     assert set(failures["stage"]) == {"baseline-training"}
@@ -197,7 +197,7 @@ def test_two_runs_at_once_share_the_work(tmp_path: Path) -> None:
 # -- damaged files ---------------------------------------------------------------------------------------
 def test_a_damaged_cached_baseline_is_trained_again(tmp_path: Path, capsys) -> None:
     suite = load_suite(_suite(tmp_path))
-    runner = Runner(suite, tmp_path / "r", tmp_path / "w", progress=False)
+    runner = Driver(suite, tmp_path / "r", tmp_path / "w", progress=False).cells
     cell = next(c for c in suite.cells() if c.method == "base")
     first, path, _ = runner.baseline(cell)
     # overwritten by another checkpoint that loads fine: only the checksum can tell
@@ -231,12 +231,12 @@ def test_a_changed_checkpoint_is_refused(tmp_path: Path) -> None:
 
 # -- an error in the middle of a progress bar ------------------------------------------------------------
 def test_an_error_starts_its_own_line_after_a_progress_bar(tmp_path: Path, monkeypatch, capsys) -> None:
-    def read_fails(self, jobs=1):
+    def read_fails(self, executor=None):
         bar = tqdm(total=10, desc="suite tiny", file=sys.stderr)
         bar.update(3)
         raise DatasetError("/data/coco/train2017/000000123.jpg: cannot decode image: truncated")
 
-    monkeypatch.setattr(Runner, "run", read_fails)
+    monkeypatch.setattr(Driver, "run", read_fails)
     assert cli.main(["run", str(_suite(tmp_path)), "--results-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     last = err.rstrip("\n").split("\n")[-1]  # \r does not end a line on a terminal: the bar's remains would

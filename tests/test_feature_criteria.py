@@ -10,10 +10,11 @@ import torch
 
 from detectors import build_detector
 from methods import PruneContext, Target, build_method
-from methods.activations import capture, observation_points
 from methods.chip import chip_scores, nuclear_norm_drops
 from methods.dcodp import coupling_scores
-from methods.groups import score_groups
+from methods.engine import prune
+from methods.engine.activations import capture, observation_points
+from methods.engine.groups import score_groups
 from methods.hrank import hrank_ranks, hrank_scores
 
 
@@ -115,7 +116,7 @@ def test_methods_meet_the_budget(method: str) -> None:
     model = build_detector("fcos", 3, "tiny", 64).eval()
     pruned = copy.deepcopy(model)
     ctx = PruneContext(calibration=_calibration(), round_to=1, progress=False)
-    report = build_method(method).prune(pruned, ctx, Target.parse("params:0.3"))
+    report = prune(build_method(method), pruned, ctx, Target.parse("params:0.3"))
     assert abs(report.achieved["params"] - 0.3) <= 0.005
     pruned.predict([torch.rand(3, 64, 64)])
 

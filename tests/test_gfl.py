@@ -10,14 +10,9 @@ import torch
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from detectors import DetectorError, build_detector
-from detectors.gfl import (
-    GFLHead,
-    aligned_iou,
-    distribution_focal_loss,
-    integral,
-    quality_focal_loss,
-)
-from methods.sizes import count_params
+from detectors.common import distribution_focal_loss, integral
+from detectors.gfl import GFLHead, aligned_iou, quality_focal_loss
+from methods.engine.sizes import count_params
 
 REG_MAX = 16
 

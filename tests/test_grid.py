@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from results import ResultStore
-from runners.cells import Runner
+from runners.cells import CellRunner
+from runners.executors import Driver, LocalExecutor
 from runners.provenance import code_digest
 from runners.suite import load_suite
 
@@ -64,7 +65,7 @@ def test_grid_runs_and_resumes(tiny_suite: Path, tmp_path: Path, monkeypatch) ->
 
     # a crash in the second pruned cell is recorded as failed, writes no row, and the suite goes on
     calls = {"n": 0}
-    original = Runner.run_pruned
+    original = CellRunner.run_pruned
 
     def flaky(self, cell):
         calls["n"] += 1
@@ -72,8 +73,8 @@ def test_grid_runs_and_resumes(tiny_suite: Path, tmp_path: Path, monkeypatch) ->
             raise RuntimeError("simulated crash")
         return original(self, cell)
 
-    monkeypatch.setattr(Runner, "run_pruned", flaky)
-    counts = Runner(suite, results, work, progress=False).run()
+    monkeypatch.setattr(CellRunner, "run_pruned", flaky)
+    counts = Driver(suite, results, work, progress=False).run(LocalExecutor())
     assert counts == {"cells": 3, "ran": 2, "failed": 1, "skipped": 0, "left_failed": 0}
     store = ResultStore(results / "tiny" / "results.sqlite")
     assert len(store.finished_ids()) == 2
@@ -81,7 +82,9 @@ def test_grid_runs_and_resumes(tiny_suite: Path, tmp_path: Path, monkeypatch) ->
     assert len(failed) == 1 and failed["error"][0] == "RuntimeError: simulated crash"
     assert failed["stage"][0] == "starting" and failed["attempts"][0] == 1
 
-    counts = Runner(suite, results, work, progress=False).run()  # a rerun retries the failed cell
+    counts = Driver(suite, results, work, progress=False).run(
+        LocalExecutor()
+    )  # a rerun retries the failed cell
     assert counts == {"cells": 3, "ran": 1, "failed": 0, "skipped": 2, "left_failed": 0}
     assert calls["n"] == 3  # only the failed cell ran again
     assert store.failures().empty  # its row replaced its failure
@@ -101,12 +104,12 @@ def test_grid_runs_and_resumes(tiny_suite: Path, tmp_path: Path, monkeypatch) ->
     assert frame["onnxruntime"].isna().all() and frame["gpu_driver"].isna().all()  # neither used
     assert all(Path(p).name.startswith("synthetic-") for p in frame["data_path"])
     assert all((Path(p).is_file() or (Path.cwd() / p).is_file()) for p in frame["model_path"])
-    assert Runner(suite, results, work, progress=False).run()["ran"] == 0
+    assert Driver(suite, results, work, progress=False).run(LocalExecutor())["ran"] == 0
 
 
 def test_parallel_jobs_write_every_row_once(tiny_suite: Path, tmp_path: Path) -> None:
     suite = load_suite(tiny_suite)
-    counts = Runner(suite, tmp_path / "results", tmp_path / "work", progress=False).run(jobs=2)
+    counts = Driver(suite, tmp_path / "results", tmp_path / "work", progress=False).run(LocalExecutor(jobs=2))
     assert counts == {"cells": 3, "ran": 3, "failed": 0, "skipped": 0, "left_failed": 0}
     frame = ResultStore(tmp_path / "results" / "tiny" / "results.sqlite").frame("tiny")
     assert sorted(frame["method"]) == ["base", "l1", "random"]
@@ -156,7 +159,7 @@ def test_a_cached_baseline_this_code_cannot_load_is_trained_again(
     tiny_suite: Path, tmp_path: Path, capsys
 ) -> None:
     suite = load_suite(tiny_suite)
-    runner = Runner(suite, tmp_path / "results", tmp_path / "work", progress=False)
+    runner = Driver(suite, tmp_path / "results", tmp_path / "work", progress=False).cells
     cell = next(c for c in suite.cells() if c.method == "base")
     path = tmp_path / "work" / "baselines" / f"{cell.baseline_key}.pt"
     path.parent.mkdir(parents=True)

@@ -12,11 +12,12 @@ from torch import Tensor, nn
 import methods.groupfisher  # noqa: F401  (registers "groupfisher")
 from detectors import build_detector
 from detectors.base import Detector
-from methods.base import MethodError, PruneContext, Target, build_method
-from methods.budget import removal_steps
+from methods import MethodError, PruneContext, Target, build_method
+from methods.engine import prune
+from methods.engine.budget import removal_steps
+from methods.engine.groups import GroupScores, dependency_graph, describe_groups
+from methods.engine.sizes import channel_costs, count_gmacs, count_params, output_positions
 from methods.groupfisher import FisherCollector, fisher_per_sample, group_fisher, normalized_scores
-from methods.groups import GroupScores, dependency_graph, describe_groups
-from methods.sizes import channel_costs, count_gmacs, count_params, output_positions
 
 
 class TwoBranch(Detector):
@@ -211,7 +212,7 @@ def test_loop_stops_at_the_budget(target: str, round_to: int) -> None:
     ctx = PruneContext(round_to=round_to, train_set=_synthetic(4, 64), batch_size=2, progress=False)
     method = build_method("groupfisher", d=2, channels_per_step=160)
     t = Target.parse(target)
-    report = method.prune(model, ctx, t)
+    report = prune(method, model, ctx, t)
     assert abs(report.achieved[t.kind] - t.rate) <= ctx.tolerance
     assert report.method == "groupfisher"
     assert report.notes["training_iterations"] == 2 * report.notes["rounds"] > 0
@@ -231,12 +232,12 @@ def test_options_and_unreachable_targets(net: TwoBranch) -> None:
         build_method("groupfisher", interval=3)
     ctx = PruneContext(round_to=1, max_layer_ratio=0.2, calibration=[_batch()], progress=False)
     with pytest.raises(MethodError, match="out of reach"):
-        build_method("groupfisher").prune(net, ctx, Target.parse("params:0.9"))
+        prune(build_method("groupfisher"), net, ctx, Target.parse("params:0.9"))
 
 
 def test_two_branch_prunes_on_calibration_batches(net: TwoBranch) -> None:
     ctx = PruneContext(round_to=1, calibration=[_batch(seed=s) for s in range(2)], progress=False)
-    report = build_method("groupfisher", d=1).prune(net, ctx, Target.parse("channels:0.25"))
+    report = prune(build_method("groupfisher", d=1), net, ctx, Target.parse("channels:0.25"))
     assert abs(report.achieved["channels"] - 0.25) <= 0.005  # 4 of 16 filters
     assert net.a.out_channels == net.b.out_channels  # the coupled pair loses the same channels
     assert net.core(torch.rand(1, 3, 8, 8))[0].shape == (1, 2, 8, 8)

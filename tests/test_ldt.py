@@ -15,7 +15,8 @@ import methods.ldt  # noqa: F401  (registers "ldt")
 from datasets import build_dataset
 from detectors import build_detector
 from methods import MethodError, PruneContext, Target, build_method
-from methods.groups import score_groups
+from methods.engine import prune
+from methods.engine.groups import score_groups
 from methods.ldt import LDT, map_instances
 from methods.ldt_math import (
     FEW_CLASSES,
@@ -26,10 +27,11 @@ from methods.ldt_math import (
     covariance_penalty,
     discriminants,
     discriminating_power,
+    generalized_eigvals,
     instance_features,
     ld_loss,
-    ld_loss_and_top,
     ld_loss_bound,
+    ld_loss_of_eigenvalues,
     location_attention,
     normalise_instances,
     scatter_matrices,
@@ -63,23 +65,33 @@ def test_ld_loss_gradient_matches_finite_differences() -> None:
     assert torch.autograd.gradcheck(lambda x: ld_loss(x, y, epsilon=1.2, lam=1e-3), (X,))
     # a wide window averages both discriminants; the gradient stays exact
     assert torch.autograd.gradcheck(lambda x: ld_loss(x, y, epsilon=1e6, lam=1e-2), (X,))
-    assert torch.autograd.gradcheck(covariance_penalty, (X,))
+    assert torch.autograd.gradcheck(
+        lambda x: ld_loss(x, y, 1.2, 1e-3, ridge="absolute", transform="none"), (X,)
+    )
+    assert torch.autograd.gradcheck(lambda x: covariance_penalty(x, relative=False), (X,))
+    assert torch.autograd.gradcheck(covariance_penalty, (X,))  # the default: LDT's relative penalty
 
 
 def test_ld_loss_window_keeps_the_top_eigenvalues_near_their_minimum() -> None:
     X, y = _clusters(seed=3, per_class=6, classes=4, dims=6)
-    S_b, S_w, _ = scatter_matrices(X, y, 1e-3)
+    S_b, S_w, _ = scatter_matrices(X, y, 1e-3, ridge="absolute")
     nu = torch.linalg.eigvals(torch.linalg.solve(S_w, S_b)).real.sort().values
     top = nu[-3:]  # n - 1 = 3
     for eps in (0.0, 1.2, 1e9):
         expected = -top[top <= top.min() + eps].mean()
-        assert torch.allclose(ld_loss(X, y, epsilon=eps), expected, rtol=1e-6)
+        assert torch.allclose(
+            ld_loss(X, y, epsilon=eps, ridge="absolute", transform="none"), expected, rtol=1e-6
+        )
 
 
 def test_discriminants_solve_the_generalised_problem() -> None:
     X, y = _clusters(seed=4, per_class=8, classes=3, dims=5)
-    S_b, S_w, _ = scatter_matrices(X, y, 1e-3)
-    nu, V = discriminants(X, y, 1e-3)
+    for ridge in ("absolute", "total"):
+        S_b, S_w, _ = scatter_matrices(X, y, 1e-3, ridge)
+        nu, V = discriminants(X, y, 1e-3, ridge)
+        assert torch.allclose(S_b @ V, S_w @ V * nu, atol=1e-8)
+    S_b, S_w, _ = scatter_matrices(X, y, 1e-3, ridge="absolute")
+    nu, V = discriminants(X, y, 1e-3, ridge="absolute")
     assert nu.shape == (2,) and V.shape == (5, 2) and nu[0] >= nu[1]
     assert torch.allclose(S_b @ V, S_w @ V * nu, atol=1e-8)
     assert torch.allclose(V.T @ S_w @ V, torch.eye(2, dtype=V.dtype), atol=1e-8)
@@ -90,9 +102,11 @@ def test_discriminants_solve_the_generalised_problem() -> None:
 def test_covariance_penalty_zero_for_diagonal_scatter_and_grows_with_correlation() -> None:
     z1 = torch.tensor([1.0, -1.0, 0.0, 0.0], dtype=torch.float64)
     z2 = torch.tensor([0.0, 0.0, 1.0, -1.0], dtype=torch.float64)
-    assert covariance_penalty(torch.stack([z1, 3 * z2], dim=1)) == 0
+    assert covariance_penalty(torch.stack([z1, 3 * z2], dim=1), relative=False) == 0
     values = [
-        float(covariance_penalty(torch.stack([z1, r * z1 + math.sqrt(1 - r * r) * z2], dim=1)))
+        float(
+            covariance_penalty(torch.stack([z1, r * z1 + math.sqrt(1 - r * r) * z2], dim=1), relative=False)
+        )
         for r in (0.0, 0.3, 0.6, 0.9)
     ]
     assert values[0] == 0 and all(a < b for a, b in zip(values[:-1], values[1:], strict=True))
@@ -107,7 +121,7 @@ def test_degenerate_scatter_raises_with_a_reason() -> None:
         ld_loss(X, torch.tensor([0, 0, 0, 0, 0, 1]))
     assert exc.value.reason == SINGLETON_CLASS
     with pytest.raises(DegenerateScatter) as exc:
-        ld_loss(torch.zeros(6, 3), torch.tensor([0, 0, 0, 1, 1, 1]), lam=0.0)
+        ld_loss(torch.zeros(6, 3), torch.tensor([0, 0, 0, 1, 1, 1]), lam=0.0, ridge="absolute")
     assert exc.value.reason == SINGULAR
 
 
@@ -263,7 +277,7 @@ def test_train_loss_uses_the_loss_pass_neck_maps(trace_toy) -> None:
 
 
 def test_training_loop_passes_the_neck_maps_of_its_step(trace_toy) -> None:
-    from methods.training import Schedule, Trainer
+    from methods.engine.training import Schedule, Trainer
 
     seen: list[tuple[int, int]] = []
     captured = []
@@ -347,12 +361,12 @@ def test_tiny_fcos_prunes_to_the_budget_and_keeps_training(tmp_path) -> None:
     model.eval()
     shapes = [o.shape for o in model.core(model.example_input())]
     ctx = PruneContext(calibration=[batch], round_to=1, progress=False)
-    headed = build_method("ldt", head="detection").prune(
-        copy.deepcopy(model), ctx, Target.parse("params:0.3")
+    headed = prune(
+        build_method("ldt", head="detection"), copy.deepcopy(model), ctx, Target.parse("params:0.3")
     )
     assert not headed.notes["unscored_groups"] and headed.notes["ldt"]["head"]["head_layers"] > 0
     assert any(name.startswith("head.") for name in headed.layers)  # scored from the detection loss
-    report = method.prune(model, ctx, Target.parse("params:0.3"))
+    report = prune(method, model, ctx, Target.parse("params:0.3"))
     assert abs(report.achieved["params"] - 0.3) <= 0.005
     assert [o.shape for o in model.core(model.example_input())] == shapes
     notes = report.notes["ldt"]
@@ -371,8 +385,8 @@ def test_cached_scores_share_the_scoring_notes(trace_toy) -> None:
         pytest.skip("this tree's PruneContext has no score cache")
     batch = _toy_batch([[0, 1], [1, 0], [0, 1], [1, 0]])
     ctx = PruneContext(calibration=[batch], round_to=1, progress=False, score_cache={})
-    first = LDT().prune(copy.deepcopy(trace_toy), ctx, Target.parse("channels:0.25"))
-    second = LDT().prune(copy.deepcopy(trace_toy), ctx, Target.parse("channels:0.5"))
+    first = prune(LDT(), copy.deepcopy(trace_toy), ctx, Target.parse("channels:0.25"))
+    second = prune(LDT(), copy.deepcopy(trace_toy), ctx, Target.parse("channels:0.5"))
     assert second.notes["scores_cached"] and not first.notes["scores_cached"]
     assert second.notes["ldt"]["discriminants"] == first.notes["ldt"]["discriminants"] != []
     assert second.notes["ldt"]["trace_counters"]["batches"] == 2
@@ -381,8 +395,8 @@ def test_cached_scores_share_the_scoring_notes(trace_toy) -> None:
 # -- the regime's well-posedness (DESIGN.md §4 "LDT": scale invariant, bounded at K < C) ----------
 
 SCALE_INVARIANT = [
-    {"ridge": "within"},
-    {"ridge": "total"},
+    {"ridge": "within", "transform": "none"},
+    {"ridge": "total", "transform": "none"},
     {"ridge": "total", "transform": "log"},
     {"ridge": "within", "transform": "log"},
 ]
@@ -410,7 +424,8 @@ def test_scaling_the_features_leaves_the_ld_loss_unchanged(reading) -> None:
 def test_the_absolute_ridge_rewards_growing_the_features() -> None:
     """The fault the relative readings remove: at K < C the loss falls like the squared scale."""
     X, y = _few_instances(seed=6)
-    small, large = ld_loss(X, y, lam=1e-3), ld_loss(X * 10, y, lam=1e-3)
+    original = {"lam": 1e-3, "ridge": "absolute", "transform": "none"}
+    small, large = ld_loss(X, y, **original), ld_loss(X * 10, y, **original)
     assert large < 50 * small < 0  # ~100x lower for 10x larger features
 
 
@@ -438,14 +453,16 @@ def test_with_fewer_instances_than_channels_the_loss_is_finite_and_bounded() -> 
     norms = []
     for features in (X, collapsed, X * 1e3, collapsed * 1e-3):
         Z = features.clone().requires_grad_(True)
-        loss, top = ld_loss_and_top(Z, y, lam=lam, ridge="total", transform="log")
+        nu = generalized_eigvals(Z, y, lam=lam, ridge="total")
+        loss, top = ld_loss_of_eigenvalues(nu, y, transform="log"), float(nu[-1].detach())
+        assert torch.equal(loss, ld_loss(Z, y, lam=lam))  # the defaults: ridge "total", "log"
         (grad,) = torch.autograd.grad(loss, Z)
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
         assert float(loss.detach()) >= bound and top <= C / lam * (1 + 1e-9)
         norms.append(float(grad.norm() * Z.norm()))
     assert norms[2] == pytest.approx(norms[0], rel=1e-6) and norms[3] == pytest.approx(norms[1], rel=1e-6)
     assert max(norms) < 1e3  # d log(1 + nu) = d nu / (1 + nu): the log keeps the collapse's gradient small
-    raw = ld_loss(collapsed, y, lam=lam, ridge="total")  # without the log: nu itself, in the thousands
+    raw = ld_loss(collapsed, y, lam=lam, transform="none")  # without the log: nu itself, in the thousands
     assert -C / lam <= float(raw) < -0.1 * C / lam
 
 
@@ -455,7 +472,8 @@ def test_relative_covariance_penalty_is_scale_invariant_and_below_one() -> None:
     rel = covariance_penalty(X, relative=True)
     assert 0 < float(rel) < 1
     assert float(covariance_penalty(X * 10, relative=True)) == pytest.approx(float(rel), rel=1e-9)
-    assert float(covariance_penalty(X * 10)) == pytest.approx(1e4 * float(covariance_penalty(X)), rel=1e-9)
+    raw, raw10 = covariance_penalty(X, relative=False), covariance_penalty(X * 10, relative=False)
+    assert float(raw10) == pytest.approx(1e4 * float(raw), rel=1e-9)
 
 
 def test_instance_queue_pools_detached_rows_first_in_first_out() -> None:
@@ -491,7 +509,7 @@ def test_the_queue_lets_a_one_class_batch_train(trace_toy) -> None:
 
 
 def test_training_logs_the_trajectory_per_epoch(trace_toy) -> None:
-    from methods.training import Schedule, train
+    from methods.engine.training import Schedule, train
 
     method = LDT()
     samples = list(zip(*_toy_batch([[0, 1], [1, 0], [0, 1], [1, 0]]), strict=True))

@@ -15,11 +15,12 @@ import datasets
 from detectors import build_detector, save_checkpoint
 from detectors.fcos import SIZES as FCOS_SIZES
 from methods.dcodp import DCODP
-from methods.training import Schedule
+from methods.engine.training import Schedule
 from results import ResultStore, code_line, machine_line
 from runners import identity, provenance
-from runners.cells import Runner
+from runners.cells import CellRunner
 from runners.cli import main
+from runners.executors import Driver, LocalExecutor
 from runners.recompute import Recompute
 from runners.suite import load_suite
 
@@ -158,7 +159,7 @@ def test_a_store_of_the_previous_id_scheme_reports_and_resumes(
     table = pd.read_csv(results / "ids" / "synthetic-coco.csv")
     assert len(table) == 3
 
-    runner = Runner(load_suite(suite_path), results, tmp_path / "work", progress=False)
+    runner = Driver(load_suite(suite_path), results, tmp_path / "work", progress=False)
     todo, left = runner.pending(cells)
     assert todo == [] and left == []  # resumed: nothing to run
     assert store.rekey({c.legacy_cell_id: c.cell_id for c in cells}) == 0  # matched once
@@ -197,16 +198,20 @@ def test_recompute_redoes_stale_rows_and_keeps_the_rest(
         computed.append(cell.cell_id)
         return _row(cell, map=0.75, created_at=None, **provenance.provenance(torch.device("cpu")))
 
-    monkeypatch.setattr(Runner, "check_inputs", lambda self: None)  # no data needed: compute is faked
-    monkeypatch.setattr(Runner, "compute", compute)
+    monkeypatch.setattr(Driver, "check_inputs", lambda self: None)  # no data needed: compute is faked
+    monkeypatch.setattr(CellRunner, "compute", compute)
 
-    assert Runner(suite, results, tmp_path / "work", progress=False).run()["ran"] == 0  # kept by default
+    assert (
+        Driver(suite, results, tmp_path / "work", progress=False).run(LocalExecutor())["ran"] == 0
+    )  # kept by default
     lines = provenance.describe_stale(list(store.made().values()))
     assert lines and lines[0].startswith("3 of 6 finished rows were computed by other code")
     if _git_root_commit() is not None:  # git names the files that differ
         assert "files differ: " in lines[1]
 
-    counts = Runner(suite, results, tmp_path / "work", progress=False, recompute=Recompute(mode)).run()
+    counts = Driver(suite, results, tmp_path / "work", progress=False, recompute=Recompute(mode)).run(
+        LocalExecutor()
+    )
     redone = stale if mode == "stale" else {c.cell_id for c in cells}
     assert set(computed) == redone and counts["ran"] == len(redone) and counts["cells"] == 6
     frame = store.frame().set_index("cell_id")
@@ -217,7 +222,9 @@ def test_recompute_redoes_stale_rows_and_keeps_the_rest(
     assert (frame.loc[kept, "map"] == 0.25).all() and (frame.loc[kept, "created_at"] == earlier).all()
     computed.clear()  # a second recompute of stale rows finds none left
     assert (
-        Runner(suite, results, tmp_path / "work", progress=False, recompute=Recompute("stale")).run()["ran"]
+        Driver(suite, results, tmp_path / "work", progress=False, recompute=Recompute("stale")).run(
+            LocalExecutor()
+        )["ran"]
         == 0
     )
 

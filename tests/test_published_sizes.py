@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from detectors import build_detector
-from methods.sizes import count_gmacs
+from methods.engine.sizes import count_gmacs
 
 # (detector, size, num_classes, (height, width), measured GMACs, published GMACs, relative tolerance)
 ROWS = [

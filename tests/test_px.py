@@ -12,11 +12,12 @@ from torch import Tensor, nn
 import methods.px  # noqa: F401  (registers "px")
 from detectors import build_detector
 from detectors.base import Detector
-from methods.base import MethodError, PruneContext, Target, build_method
-from methods.budget import removal_steps
-from methods.groups import ChannelScores, normalize_scores, score_groups
+from methods import MethodError, PruneContext, Target, build_method
+from methods.engine import prune
+from methods.engine.budget import removal_steps
+from methods.engine.groups import ChannelScores, normalize_scores, score_groups
+from methods.engine.sizes import count_params
 from methods.px import PX, PathPasses, filter_saliency, path_objective, px_saliencies, px_saliency
-from methods.sizes import count_params
 
 
 class _Toy(Detector):
@@ -209,7 +210,7 @@ def test_rounds_reach_the_budget(target: str, round_to: int) -> None:
     reference = copy.deepcopy(model)
     t = Target.parse(target)
     ctx = PruneContext(round_to=round_to, calibration=_synthetic(4, 64), progress=False)
-    report = build_method("px", rounds=3).prune(model, ctx, t)
+    report = prune(build_method("px", rounds=3), model, ctx, t)
     assert abs(report.achieved[t.kind] - t.rate) <= ctx.tolerance
     rounds = report.notes["achieved_per_round"]
     assert len(rounds) == 3 and rounds == sorted(rounds)
@@ -223,19 +224,19 @@ def test_rounds_reach_the_budget(target: str, round_to: int) -> None:
 
 def test_errors(convnet: ConvNet) -> None:
     with pytest.raises(MethodError, match="calibration"):
-        build_method("px").prune(convnet, PruneContext(round_to=1), Target.parse("params:0.2"))
+        prune(build_method("px"), convnet, PruneContext(round_to=1), Target.parse("params:0.2"))
     with pytest.raises(MethodError, match="rounds"):
         build_method("px", rounds=0)
     ctx = PruneContext(round_to=1, max_layer_ratio=0.2, calibration=[(_images(), [{}] * 3)])
     with pytest.raises(MethodError, match="out of reach"):
-        build_method("px").prune(convnet, ctx, Target.parse("params:0.9"))
+        prune(build_method("px"), convnet, ctx, Target.parse("params:0.9"))
 
 
 def test_round_zero_scores_are_shared_across_targets(convnet: ConvNet) -> None:
     ctx = PruneContext(round_to=1, calibration=[(_images(), [{}] * 3)], score_cache={})
     first, second = copy.deepcopy(convnet), copy.deepcopy(convnet)
-    a = build_method("px").prune(first, ctx, Target.parse("channels:0.25"))
-    b = build_method("px").prune(second, ctx, Target.parse("channels:0.25"))
+    a = prune(build_method("px"), first, ctx, Target.parse("channels:0.25"))
+    b = prune(build_method("px"), second, ctx, Target.parse("channels:0.25"))
     assert not a.notes["scores_cached"] and b.notes["scores_cached"]
     assert a.layers == b.layers and torch.equal(first.conv1.weight, second.conv1.weight)
     assert a.achieved["channels"] == pytest.approx(0.25)  # one channel of the coupled pair

@@ -17,12 +17,12 @@ import torch
 
 from detectors import load_checkpoint
 from results import ResultStore
-from runners.cells import Runner
+from runners.executors import Driver, LocalExecutor
 from runners.suite import load_suite
 from tests.test_grid import TINY_SUITE
 
 ray = pytest.importorskip("ray")
-from runners.ray_executor import run_on_ray  # noqa: E402  (needs ray)
+from runners.executors.ray_cluster import RayExecutor  # noqa: E402  (needs ray)
 
 SAME = ["achieved_params_pr", "achieved_flops_pr", "achieved_channels_pr", "params_m", "gmacs",
         "oneshot_map", "oneshot_ap50", "map", "ap50", "ap75", "train_health"]  # fmt: skip
@@ -52,11 +52,13 @@ def test_ray_rows_equal_the_in_process_rows(tiny: Path, tmp_path: Path, local_ra
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as a Ray task with one CPU: the same arithmetic, in the same order
     try:
-        local = Runner(suite, tmp_path / "local", tmp_path / "work-local", progress=False).run()
+        local = Driver(suite, tmp_path / "local", tmp_path / "work-local", progress=False).run(
+            LocalExecutor()
+        )
     finally:
         torch.set_num_threads(threads)
-    counts = run_on_ray(
-        Runner(suite, tmp_path / "ray", tmp_path / "work-ray", progress=False), cpus_per_cell=1
+    counts = Driver(suite, tmp_path / "ray", tmp_path / "work-ray", progress=False).run(
+        RayExecutor(cpus_per_cell=1)
     )
     assert counts == local == {"cells": 3, "ran": 3, "failed": 0, "skipped": 0, "left_failed": 0}
 
@@ -75,7 +77,7 @@ def test_ray_rows_equal_the_in_process_rows(tiny: Path, tmp_path: Path, local_ra
             )
     assert (there["threads"] == 1).all()
     # a rerun on Ray finds every cell done
-    again = run_on_ray(Runner(suite, tmp_path / "ray", tmp_path / "work-ray", progress=False))
+    again = Driver(suite, tmp_path / "ray", tmp_path / "work-ray", progress=False).run(RayExecutor())
     assert again == {"cells": 3, "ran": 0, "failed": 0, "skipped": 3, "left_failed": 0}
 
 

@@ -22,7 +22,8 @@ from detectors.base import Detector
 from detectors.norms import FixedBatchNorm2d
 from detectors.torchvision_models import BUILDERS, coco_category_slots, fix_norms, from_torchvision
 from methods import PruneContext, Target, build_method
-from methods.groups import apply_removal, norm_groups, score_groups
+from methods.engine import prune
+from methods.engine.groups import apply_removal, norm_groups, score_groups
 
 SIZE = 96
 # thresholds low enough that a randomly initialised model returns detections to compare
@@ -229,8 +230,8 @@ def test_groupnorm_groups_are_ranked_by_their_mean_and_removed_whole() -> None:
 
 
 def test_a_partial_groupnorm_removal_is_refused_and_round_to_respects_the_groups() -> None:
-    from methods.budget import removal_steps
-    from methods.types import MethodError
+    from methods.engine.budget import removal_steps
+    from methods.engine.types import MethodError
 
     model = GroupNormNet().eval()
     (group,) = score_groups(model, GivenScores(torch.arange(16.0)))
@@ -261,7 +262,7 @@ def test_fcos_prunes_whole_groupnorm_groups(tmp_path) -> None:
     ctx = PruneContext(
         calibration=[([s[0] for s in samples], [s[1] for s in samples])], round_to=1, progress=False
     )
-    build_method("l1").prune(model, ctx, Target.parse("params:0.3"))
+    prune(build_method("l1"), model, ctx, Target.parse("params:0.3"))
     norms = [m for m in model.head.modules() if isinstance(m, nn.GroupNorm)]
     assert any(m.num_channels < 256 for m in norms)
     assert all(m.num_channels == 8 * m.num_groups for m in norms)  # 8 channels a group, as built

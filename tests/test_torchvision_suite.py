@@ -12,7 +12,7 @@ from torchvision.models import detection as tvd
 
 from detectors import load_checkpoint
 from results import ResultStore
-from runners.cells import Runner
+from runners.executors import Driver, LocalExecutor
 from runners.suite import SUITES_DIR, load_suite
 
 
@@ -54,7 +54,7 @@ methods = ["l1"]
     overrides |= {"finetune.epochs": 1, "finetune.warmup_iters": 1, "prune.calibration_images": 8}
     overrides |= {"measure.warmup": 1, "measure.rounds": 2}
     suite = load_suite(path, overrides)
-    counts = Runner(suite, tmp_path / "results", tmp_path / "work", progress=False).run()
+    counts = Driver(suite, tmp_path / "results", tmp_path / "work", progress=False).run(LocalExecutor())
     assert counts == {
         "cells": 2 * (experiments + 1),
         "ran": 2 * (experiments + 1),

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from methods.training import Schedule, Trainer, _optimizer, loss_health
+from methods.engine.training import Schedule, Trainer, TrainingHook, _optimizer, loss_health
 from tests.conftest import ToyDetector
 
 
@@ -52,7 +52,7 @@ def test_steps_continue_one_stream_and_call_the_hooks() -> None:
     seen: list[int] = []
     calls = {"before_train": 0, "after_backward": 0, "after_train": 0}
 
-    class Hook:
+    class Hook(TrainingHook):
         def before_train(self, m: nn.Module) -> None:
             calls["before_train"] += 1
 

@@ -6,15 +6,9 @@ import pytest
 import torch
 
 from detectors import DetectorError, build_detector
-from detectors.yolof import (
-    decode,
-    encode,
-    implicit_objectness,
-    make_anchors,
-    uniform_assign,
-    uniform_match,
-)
-from methods.sizes import count_params
+from detectors.yolof import implicit_objectness
+from detectors.yolof_loss import decode, encode, make_anchors, uniform_assign, uniform_match
+from methods.engine.sizes import count_params
 
 NUM_CLASSES = 3
 

@@ -11,17 +11,12 @@ import torch
 from torch import nn
 
 from detectors import DetectorError, build_detector, load_checkpoint, save_checkpoint
+from detectors.common import dynamic_k_matching, ota_cost
 from detectors.yolov7 import ELAN, MPDown, RepConv
-from detectors.yolov7_loss import (
-    anchor_grid,
-    decode,
-    dynamic_k_matching,
-    find_3_positive,
-    ota_cost,
-    yolov7_loss,
-)
+from detectors.yolov7_loss import anchor_grid, decode, find_3_positive, yolov7_loss
 from methods import PruneContext, Target, build_method
-from methods.sizes import count_gmacs, count_params
+from methods.engine import prune
+from methods.engine.sizes import count_gmacs, count_params
 
 LN2 = math.log(2.0)
 
@@ -282,7 +277,7 @@ def test_elan_concatenations_stay_coupled_under_pruning(tmp_path) -> None:
     original = copy.deepcopy(model)
     x = model.example_input()
     shapes = [t.shape for t in model.core(x)]
-    build_method("l1").prune(model, PruneContext(round_to=1, progress=False), Target.parse("channels:0.5"))
+    prune(build_method("l1"), model, PruneContext(round_to=1, progress=False), Target.parse("channels:0.5"))
     assert [t.shape for t in model.eval().core(x)] == shapes
 
     old_modules = dict(original.named_modules())

@@ -11,11 +11,13 @@ from torch import Tensor
 from torchvision.ops import complete_box_iou
 
 from detectors import DetectorError, build_detector
-from detectors.gfl import integral
-from detectors.yolov8 import REG_MAX, C2f, anchor_points, decode
+from detectors.common import integral
+from detectors.yolov8 import REG_MAX, anchor_points, decode
+from detectors.yolov8_blocks import C2f
 from detectors.yolov8_loss import box_distances, task_aligned_assign, yolov8_loss
 from methods import PruneContext, Target, build_method
-from methods.sizes import count_params
+from methods.engine import prune
+from methods.engine.sizes import count_params
 
 
 def test_layout_and_initialisation() -> None:
@@ -256,7 +258,7 @@ def test_c2f_halves_are_pruned_as_one_coupled_group() -> None:
     }
     x = model.example_input(2)
     shapes = [out.shape for out in model.core(x)]
-    build_method("l1").prune(model, PruneContext(progress=False), Target.parse("channels:0.5"))
+    prune(build_method("l1"), model, PruneContext(progress=False), Target.parse("channels:0.5"))
     assert [out.shape for out in model.core(x)] == shapes
 
     def kept_out(block: torch.nn.Module) -> list[int]:

@@ -8,17 +8,12 @@ import pytest
 import torch
 
 from detectors import DetectorError, build_detector, load_checkpoint, save_checkpoint
-from detectors.yolox import (
-    PRIOR_PROB,
-    decode,
-    dynamic_k_matching,
-    encode,
-    iou_loss,
-    location_grid,
-    simota_assign,
-)
+from detectors.common import dynamic_k_matching
+from detectors.yolox import PRIOR_PROB
+from detectors.yolox_loss import decode, encode, iou_loss, location_grid, simota_assign
 from methods import PruneContext, Target, build_method
-from methods.sizes import count_params
+from methods.engine import prune
+from methods.engine.sizes import count_params
 
 
 def _targets() -> list[dict[str, torch.Tensor]]:
@@ -201,7 +196,7 @@ def test_nano_is_depthwise_and_prunes(tmp_path) -> None:
     torch.manual_seed(0)
     model = build_detector("yolox", 3, "nano", 64).eval()
     assert any(m.groups > 1 for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-    build_method("l1").prune(model, PruneContext(round_to=1), Target.parse("params:0.3"))
+    prune(build_method("l1"), model, PruneContext(round_to=1), Target.parse("params:0.3"))
     reloaded, _ = load_checkpoint(save_checkpoint(model, tmp_path / "nano.pt"))
     x = model.example_input()
     torch.testing.assert_close(model.core(x)[0], reloaded.eval().core(x)[0])

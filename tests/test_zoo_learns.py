@@ -12,7 +12,7 @@ import pytest
 
 from detectors import detector_names
 from results import ResultStore
-from runners.cells import Runner
+from runners.executors import Driver, LocalExecutor
 from runners.suite import load_suite
 
 
@@ -22,7 +22,7 @@ def test_every_tiny_detector_reaches_ap50_half(tmp_path) -> None:
     # torchvision's models have one, full size: not this suite's (test_torchvision_suite.py trains them)
     tiny = {name for name in detector_names() if not name.startswith("tv:")}
     assert {p.experiment.detector for p in suite.experiments} == tiny
-    Runner(suite, tmp_path / "results", tmp_path / "work", progress=False).run()
+    Driver(suite, tmp_path / "results", tmp_path / "work", progress=False).run(LocalExecutor())
     frame = ResultStore(tmp_path / "results" / "zoo" / "results.sqlite").frame("zoo")
     ap50 = dict(zip(frame["detector"], frame["ap50"], strict=True))
     assert len(ap50) == len(suite.experiments)
@@ -40,6 +40,6 @@ def test_atss_tiny_does_not_get_worse_with_longer_training(tmp_path) -> None:
     for epochs in (16, 32):
         suite = replace(zoo, experiments=[replace(plan, train=replace(plan.train, epochs=epochs))])
         results = tmp_path / f"results{epochs}"
-        Runner(suite, results, tmp_path / "work", progress=False).run()
+        Driver(suite, results, tmp_path / "work", progress=False).run(LocalExecutor())
         (ap50[epochs],) = ResultStore(results / "zoo" / "results.sqlite").frame("zoo")["ap50"]
     assert ap50[16] >= 0.5 and ap50[32] >= ap50[16], ap50

@@ -112,12 +112,17 @@ def describe_groups(model: Detector, graph: tp.DependencyGraph | None = None) ->
 class ChannelScores(tp.importance.Importance):
     """Per-layer channel scores (by layer name) -> one score per channel of a dependency group.
 
-    The scores of the group's output-pruned layers are summed at the group's indices (each layer
-    once; ``root_only``: the root layer alone, for single-layer criteria). A group none of whose
-    layers has a score returns ``None`` (never pruned) and is listed in ``unscored``.
-    ``normalizer="mean"`` divides a group's scores by their mean (torch-pruning's default group
-    normaliser), so that a global ranking compares each channel with its own group's average
-    rather than quantities whose scale differs from layer to layer.
+    The one group reduction of every method (torch-pruning's ``Importance.__call__(group)``): the
+    scores of the group's layers are summed at the group's indices, each layer once, in the
+    group's order. ``layer_scores`` score a layer's output channels and count where the group
+    prunes them; ``input_scores`` (L1's consumer weights) score input channels and count where
+    the group prunes those. ``root_only``: the root layer alone, for single-layer criteria. A
+    group none of whose layers has a score returns ``None`` (never pruned) and is listed in
+    ``unscored``. ``normalizer="mean"`` divides a group's scores by their mean (torch-pruning's
+    default group normaliser), so that a global ranking compares each channel with its own
+    group's average rather than quantities whose scale differs from layer to layer. ``dtype``: the
+    precision of the sum (float64; L1 sums in float32, as torch-pruning's magnitude importance it
+    reproduces bit for bit).
     """
 
     NORMALIZERS = (None, "mean")
@@ -128,32 +133,38 @@ class ChannelScores(tp.importance.Importance):
         layer_scores: dict[str, Tensor],
         root_only: bool = False,
         normalizer: str | None = None,
+        input_scores: dict[str, Tensor] | None = None,
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         if normalizer not in self.NORMALIZERS:
             raise MethodError(f"unknown score normalizer '{normalizer}' (expected one of 'mean', none)")
         self.layer_scores = layer_scores
+        self.input_scores = input_scores or {}
         self.names = {m: n for n, m in model.named_modules()}
         self.root_only = root_only
         self.normalizer = normalizer
+        self.dtype = dtype
         self.unscored: list[str] = []
 
     @torch.no_grad()
     def __call__(self, group: tp.Group, **kwargs: Any) -> Tensor | None:
         graph = group._DG
-        total = torch.zeros(len(group[0].idxs), dtype=torch.float64)
+        total = torch.zeros(len(group[0].idxs), dtype=self.dtype)
         found, seen = False, set()
         for i, item in enumerate(group):
             if self.root_only and i > 0:
                 break
+            if graph.is_out_channel_pruning_fn(item.dep.handler):
+                kind, scored = "out", self.layer_scores
+            elif graph.is_in_channel_pruning_fn(item.dep.handler):
+                kind, scored = "in", self.input_scores
+            else:
+                continue
             name = self.names.get(item.dep.target.module)
-            if name not in self.layer_scores or name in seen:
+            if name not in scored or (name, kind) in seen or any(r is None for r in item.root_idxs):
                 continue
-            if not graph.is_out_channel_pruning_fn(item.dep.handler) or any(
-                r is None for r in item.root_idxs
-            ):
-                continue
-            seen.add(name)
-            scores = self.layer_scores[name].detach().to("cpu", torch.float64)
+            seen.add((name, kind))
+            scores = scored[name].detach().to("cpu", self.dtype)
             total.index_add_(0, torch.as_tensor(item.root_idxs), scores[torch.as_tensor(item.idxs)])
             found = True
         if not found:

@@ -1,40 +1,43 @@
 """The Method interface and its registry (DESIGN.md §3).
 
-A method *scores*: it returns a torch-pruning ``Importance`` (one score per channel of a
-dependency group; lower = pruned first). Everything else is the shared engine's
-(``methods.engine``): removing channels, keeping coupled layers consistent, meeting the budget,
-and scheduling rounds and training. A method only *declares* what its schedule needs:
+A method *scores*: ``importance`` (abstract) returns a ``ChannelScores`` built from its per-layer
+channel scores, which reduces them to one score per channel of each dependency group (lower =
+pruned first), the same way for every method. Everything else is the engine's
+(``methods.engine.prune(method, model, ctx, target)``): removing channels, keeping coupled layers
+consistent, meeting the budget, and scheduling rounds and training. A method only *declares* what
+its schedule needs:
 
 * ``scope``: "local" (the same share from every layer) or "global" (one ranking);
 * ``rounds``: rescored rounds, each removing an equal share of what is left of the budget;
 * ``channels_per_round``: instead, every round removes this many channels until the target;
 * ``train_iterations``: iterations of the shared training loop before each round's scoring,
-  with ``training_hooks`` running inside them (GroupFisher's Fisher sums);
+  with ``training_hooks`` (``TrainingHook``s) running inside them (GroupFisher's Fisher sums);
 * ``train_loss``: an extra loss in every training of its cells (LDT's discriminant loss), given
   the neck maps of the step's own forward pass.
 
-This module imports nothing of the engine: ``methods/__init__`` hands the engine to ``prune``.
+The engine imports this module, never the reverse: a method does not prune itself, its callers
+hand it to the engine.
 """
 
 from __future__ import annotations
 
+import abc
 import difflib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import torch_pruning as tp
 from torch import Tensor
 
 from detectors.base import Detector
 
-from .types import Batch, Losses, Maps, MethodError, PruneContext, PruneReport, Target
+from .groups import ChannelScores
+from .training import TrainingHook
+from .types import Batch, Losses, Maps, MethodError, PruneContext
 
 _REGISTRY: dict[str, type[Method]] = {}
-Engine = Callable[["Method", Detector, PruneContext, Target], PruneReport]
-_ENGINE: list[Engine] = []
 
 
-class Method:
+class Method(abc.ABC):
     """A pruning criterion: ``importance`` plus the declarations above."""
 
     name: ClassVar[str] = ""
@@ -67,7 +70,7 @@ class Method:
             return None
         return lambda model, batch, losses, neck: self.train_loss(model, ctx, batch, losses, neck)
 
-    def regime_hooks(self) -> list[Any]:
+    def regime_hooks(self) -> list[TrainingHook]:
         """Hooks for every training with ``train_loss`` (baseline and fine-tuning): LDT logs its
         per-epoch trajectory through one. None by default."""
         return []
@@ -80,14 +83,16 @@ class Method:
         """What the last scoring found, for the report (kept with cached scores)."""
         return {}
 
-    def prepare(self, model: Detector, ctx: PruneContext) -> None:
+    def prepare(self, model: Detector, ctx: PruneContext) -> None:  # noqa: B027  (optional: no-op)
         """Collect statistics over ``ctx.calibration`` before scoring; nothing by default."""
 
-    def importance(self, model: Detector, ctx: PruneContext) -> tp.importance.Importance:
-        raise MethodError(f"method '{self.name}' defines no importance")
+    @abc.abstractmethod
+    def importance(self, model: Detector, ctx: PruneContext) -> ChannelScores:
+        """The method's per-layer channel scores (by layer name) as ``ChannelScores``: the one
+        reduction to a score per channel of each dependency group, shared by every method."""
 
-    def training_hooks(self, model: Detector, ctx: PruneContext) -> list[Any]:
-        """Hooks for the training before a round (``before_train``/``after_backward``/``after_train``)."""
+    def training_hooks(self, model: Detector, ctx: PruneContext) -> list[TrainingHook]:
+        """Hooks for the training before each round (``train_iterations`` > 0); none by default."""
         return []
 
     def train_loss(
@@ -95,14 +100,6 @@ class Method:
     ) -> Tensor | None:
         """An extra (re)training loss; ``neck``: the maps of the pass that computed ``losses``."""
         return None
-
-    def prune(self, model: Detector, ctx: PruneContext, target: Target) -> PruneReport:
-        """Prune ``model`` in place to ``target`` with the shared engine."""
-        return _ENGINE[0](self, model, ctx, target)
-
-
-def use_engine(engine: Engine) -> None:
-    _ENGINE[:] = [engine]
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from detectors.base import Detector
 
 from .groups import GroupScores, apply_removal
-from .sizes import count_params, measure_size  # noqa: F401  (count_params: its callers' old home)
+from .sizes import measure_size
 from .types import MethodError, Target
 
 Step = tuple[int, int]  # (group index, channels removed from it after this step)

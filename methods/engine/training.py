@@ -6,9 +6,9 @@ differs between its users comes in as hooks, never as a second loop:
 
 * ``extra_loss(model, batch, losses, neck)``: a method's own term (LDT's discriminant loss),
   given the neck maps of the very forward pass that computed ``losses``;
-* ``hooks``: objects with optional ``before_train(model)``, ``before_epoch(model)`` (whole
-  schedules only), ``after_backward(model)`` and ``after_train(model)`` (GroupFisher collects
-  its Fisher sums between backward and step; LDT logs its trajectory per epoch).
+* ``hooks``: ``TrainingHook``s, whose methods name the points where the loop calls them
+  (GroupFisher collects its Fisher sums between backward and step; LDT logs its trajectory per
+  epoch; the runners mark their fault-injection stages).
 
 ``Trainer.epochs`` runs a whole schedule; ``Trainer.steps(n)`` runs ``n`` more iterations of the
 same endless, seeded stream of batches (warm-up, then a constant rate: the total is not known
@@ -164,17 +164,26 @@ def _optimizer(model: Detector, schedule: Schedule) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer '{schedule.optimizer}': use 'sgd' or 'adamw'")
 
 
-def _call(hooks: Sequence[Any], name: str, model: Detector) -> None:
-    for hook in hooks:
-        fn = getattr(hook, name, None)
-        if fn is not None:
-            fn(model)
-
-
 def _to(device: torch.device, images: list[Tensor], targets: list[dict]) -> tuple[list, list]:
     return [im.to(device) for im in images], [
         {k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets
     ]
+
+
+class TrainingHook:
+    """The points where the training loop calls a hook; each does nothing unless overridden."""
+
+    def before_train(self, model: Detector) -> None:
+        """Once, when a session (a whole schedule or ``steps(n)``) starts, the model in train mode."""
+
+    def before_epoch(self, model: Detector) -> None:
+        """At the start of every epoch of a whole schedule (never within ``steps``)."""
+
+    def after_backward(self, model: Detector) -> None:
+        """After every backward pass, before clipping and the optimizer step: the gradients."""
+
+    def after_train(self, model: Detector) -> None:
+        """Once, when the session ends (also on an error)."""
 
 
 class Trainer:
@@ -205,7 +214,7 @@ class Trainer:
         self._stream: Iterator | None = None
         self._trace: list[tuple[float, float]] = []
 
-    def epochs(self, hooks: Sequence[Any] = ()) -> dict[str, float]:
+    def epochs(self, hooks: Sequence[TrainingHook] = ()) -> dict[str, float]:
         """The whole schedule; returns the last epoch's mean loss and the seconds spent."""
         model, schedule = self.model, self.schedule
         optimizer = _optimizer(model, schedule)
@@ -217,14 +226,15 @@ class Trainer:
         with self._session(total, hooks) as bar:
             for epoch in range(schedule.epochs):
                 model.set_epoch(epoch, schedule.epochs)
-                _call(hooks, "before_epoch", model)
+                for hook in hooks:
+                    hook.before_epoch(model)
                 first = len(self._trace)
                 for images, targets in self.loader:
                     self._step(images, targets, optimizer, scheduler, hooks, bar)
                 mean_loss = _mean([d + e for d, e in self._trace[first:]])
         return self._stats(mean_loss, start)
 
-    def steps(self, n: int, hooks: Sequence[Any] = ()) -> dict[str, float]:
+    def steps(self, n: int, hooks: Sequence[TrainingHook] = ()) -> dict[str, float]:
         """``n`` more iterations of the endless stream, warm-up counted from the first call."""
         if self._stream is None:
             torch.manual_seed(self.seed)
@@ -250,7 +260,7 @@ class Trainer:
         while True:
             yield from self.loader
 
-    def _session(self, total: int, hooks: Sequence[Any]):
+    def _session(self, total: int, hooks: Sequence[TrainingHook]):
         trainer = self
 
         class Session:
@@ -260,7 +270,8 @@ class Trainer:
                 trainer._neck_handle = None
                 if trainer.extra_loss is not None:  # the extra loss sees this pass's neck maps
                     trainer._neck_handle = trainer.model.neck.register_forward_hook(trainer._keep_neck)
-                _call(hooks, "before_train", trainer.model)
+                for hook in hooks:
+                    hook.before_train(trainer.model)
                 self.bar = tqdm(
                     total=total,
                     desc=trainer.desc,
@@ -275,7 +286,8 @@ class Trainer:
                 if trainer._neck_handle is not None:
                     trainer._neck_handle.remove()
                 trainer._neck = None
-                _call(hooks, "after_train", trainer.model)
+                for hook in hooks:
+                    hook.after_train(trainer.model)
                 trainer.model.zero_grad(set_to_none=True)
                 trainer.model.eval()
 
@@ -300,7 +312,8 @@ class Trainer:
             raise FloatingPointError(f"{self.desc}: loss became {loss.item()} at step {self.iterations}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        _call(hooks, "after_backward", model)
+        for hook in hooks:
+            hook.after_backward(model)
         torch.nn.utils.clip_grad_norm_(model.parameters(), self.schedule.clip_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -357,7 +370,7 @@ def neck_maps(output: Any) -> list[Tensor]:
 
 
 def train(
-    model: Detector, dataset: Any, schedule: Schedule, hooks: Sequence[Any] = (), **options: Any
+    model: Detector, dataset: Any, schedule: Schedule, hooks: Sequence[TrainingHook] = (), **options: Any
 ) -> dict[str, float]:
     """Train ``model`` in place for the whole ``schedule`` (``options``: ``Trainer``'s keywords)."""
     return Trainer(model, dataset, schedule, **options).epochs(hooks)

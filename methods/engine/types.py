@@ -1,7 +1,7 @@
 """The types every part of pruning shares: targets, the context, the report, the one error.
 
-They live apart from ``Method`` and from the engine so that neither imports the other to name
-them (DESIGN.md §3, §6).
+They live apart from ``Method`` and from the engine so that the training loop, the method
+interface and the engine name them without importing one another (DESIGN.md §3, §6).
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The one pruning engine: rounds of (train) -> score -> plan -> remove, for every method.
 
+Its callers (the runners, the tests) call ``prune(method, model, ctx, target)`` directly
+(``from methods.engine import prune``): a method only scores, it does not prune itself.
+
 A one-shot method is one round. PX declares ``rounds`` (rescored rounds, each an equal share of
 what is left of the budget), GroupFisher ``channels_per_round`` with ``train_iterations`` of the
 shared training loop before each scoring, its hooks collecting the Fisher sums there. Round 0
