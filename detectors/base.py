@@ -41,6 +41,9 @@ class Detector(nn.Module):
     # an input size must be a multiple of this, the backbone's output stride, for every level's
     # maps to align in the top-down merges (FPN's extra P6/P7 are strided convolutions: any size)
     size_divisor: int = 32
+    # ``core`` on a batch of any size traces to one graph (an exported ONNX file then takes any
+    # batch); False where the graph fixes it (Faster R-CNN's per-image proposal list)
+    dynamic_batch: bool = True
     # what ``core`` fixes that the real pipeline would not (Faster R-CNN's proposal count): the
     # tables state it next to FLOPs and latency
     core_conditions: dict[str, Any] = {}

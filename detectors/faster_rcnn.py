@@ -76,6 +76,7 @@ class FasterRCNNDetector(Detector, FasterRCNN):
     """torchvision Faster R-CNN + FPN behind the Detector contract; label 0 is its background."""
 
     strides = (4, 8, 16, 32, 64)  # P2..P5 and the max-pooled P6
+    dynamic_batch = False  # core() pools one proposal list per image: a trace fixes their number
 
     def __init__(self, num_classes: int, size: str = "tiny", input_size: int = 128, **options: Any) -> None:
         check_size(size, SIZES)

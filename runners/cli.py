@@ -27,7 +27,7 @@ from methods import PRUNE_DEFAULTS, MethodError, Target, build_method, method_na
 from methods.engine.training import Schedule
 from results import ResultStore, StoreError, compare, reference_store
 
-from . import faults, measure, provenance, verify
+from . import deploy, faults, measure, provenance, verify
 from .evaluate import evaluate
 from .executors import Driver, executor_names, get_executor
 from .inputs import check_device
@@ -36,7 +36,15 @@ from .recompute import MODES, Recompute
 from .suite import SuiteError, load_suite, parse_override, suite_names
 from .tables import report_suite
 
-USER_ERRORS = (DatasetError, DetectorError, MethodError, SuiteError, StoreError, FileNotFoundError)
+USER_ERRORS = (
+    DatasetError,
+    DetectorError,
+    MethodError,
+    SuiteError,
+    StoreError,
+    deploy.DeployError,
+    FileNotFoundError,
+)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -212,6 +220,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    model, _ = load_checkpoint(Path(args.checkpoint))
+    out = Path(args.out)
+    check = deploy.export_onnx(model, out, atol=args.atol, rtol=args.rtol)
+    spec = model.spec
+    batch = "a dynamic batch axis" if model.dynamic_batch else "batch 1 (core() fixes it)"
+    print(
+        f"exported {spec['name']}-{spec['size']} core() at {spec['input_size']} px to {out}: input 'images', "
+        f"{check.outputs} outputs, {batch}; ONNX Runtime {deploy.onnxruntime().__version__} "
+        f"matches PyTorch (max abs difference {check.max_abs_diff:.2g}, "
+        f"tolerance {args.atol:g} + {args.rtol:g} x |torch|)"
+    )
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="detprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -303,6 +326,15 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--device", default="cpu")
     pr.set_defaults(fn=cmd_prune)
+
+    ex = sub.add_parser(
+        "export", help="export a checkpoint's deployed core() to ONNX, checked on ONNX Runtime"
+    )
+    ex.add_argument("--checkpoint", required=True, help="a detprune checkpoint (detprune prune's output)")
+    ex.add_argument("--out", required=True, help="the .onnx file to write (only once it checks)")
+    ex.add_argument("--atol", type=float, default=deploy.ATOL, help="absolute tolerance of the check")
+    ex.add_argument("--rtol", type=float, default=deploy.RTOL, help="relative tolerance of the check")
+    ex.set_defaults(fn=cmd_export)
     return p
 
 
