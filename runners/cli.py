@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -217,6 +218,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         f"({timing['base_core_ms_median']:.2f} -> {timing['core_ms_median']:.2f} ms, "
         f"{torch.get_num_threads()} threads); GMACs ratio {report.gmacs_before / report.gmacs_after:.2f}x"
     )
+    if deploy.available():  # the runtime an edge engineer deploys gives its own speed-up
+        with tempfile.TemporaryDirectory() as folder:
+            ort = deploy.paired_onnx_latency(original, model, Path(folder))
+        version = deploy.onnxruntime().__version__
+        print(
+            f"ONNX Runtime {version} (CPU) core() speed-up: {ort['speedup_ort']:.2f}x "
+            f"[95% CI {ort['speedup_ort_lo']:.2f}, {ort['speedup_ort_hi']:.2f}] "
+            f"({ort['base_ort_core_ms_median']:.2f} -> {ort['ort_core_ms_median']:.2f} ms); both exports "
+            f"match PyTorch (max abs difference {ort['export_max_abs_diff']:.2g})"
+        )
     return 0
 
 

@@ -19,6 +19,8 @@ steal the CPU from whichever model runs next, so every session here turns spinni
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,8 @@ from torch import Tensor, nn
 
 from detectors.base import Detector
 from results.files import write_atomically
+
+from . import measure
 
 OPSET = 17
 ATOL, RTOL = 1e-4, 1e-3  # |onnx - torch| <= ATOL + RTOL * |torch|, elementwise (np.allclose's rule)
@@ -48,6 +52,11 @@ def onnxruntime() -> ModuleType:
     except ImportError:
         raise DeployError(f"ONNX export and ONNX Runtime timing need the deploy extra: {EXTRA}") from None
     return ort
+
+
+def available() -> bool:
+    """Whether the deploy extra is installed (ONNX Runtime figures are then measured)."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
 
 
 def onnx_module() -> ModuleType:
@@ -136,7 +145,9 @@ def export_onnx(
     mismatch beyond the tolerance raises ``DeployError`` and leaves nothing at ``path``."""
     onnxruntime()
     onnx_module()
-    deployed = model.eval().deployed().eval().cpu()
+    deployed = model.eval().deployed().eval()  # the caller's model stays where it is
+    if next(deployed.parameters()).device.type != "cpu":
+        deployed = copy.deepcopy(deployed).cpu()
     x = deployed.example_input() if example is None else example.cpu()
     path = Path(path)
     found: list[Check] = []
@@ -163,3 +174,35 @@ def export_onnx(
     except PermissionError as exc:
         raise DeployError(f"cannot write {path}: {exc.strerror or exc}") from None
     return found[0]
+
+
+def paired_onnx_latency(
+    base: Detector,
+    pruned: Detector,
+    folder: Path,
+    warmup: int = 3,
+    rounds: int = 20,
+    threads: int | None = None,
+) -> dict[str, float]:
+    """``pruned`` against ``base`` on ONNX Runtime's CPU provider: both exported and checked into
+    ``folder``, then ``core()`` timed in the same paired, interleaved rounds as PyTorch's
+    (``measure.paired_times``) on ``threads`` intra-op threads (torch's count by default)."""
+    threads = threads or torch.get_num_threads()
+    checks = {name: export_onnx(model, Path(folder) / f"{name}.onnx") for name, model in
+              (("base", base), ("pruned", pruned))}  # fmt: skip
+    runners = {name: session(Path(folder) / f"{name}.onnx", threads) for name in checks}
+    x = pruned.example_input().detach().cpu().numpy()
+    base_ms, pruned_ms = measure.paired_times(
+        lambda: runners["base"].run(None, {"images": x}),
+        lambda: runners["pruned"].run(None, {"images": x}),
+        torch.device("cpu"), warmup, rounds,
+    )  # fmt: skip
+    point, lo, hi = measure.speedup(base_ms, pruned_ms)
+    return {
+        "ort_core_ms_median": measure.median_p90(pruned_ms)[0],
+        "base_ort_core_ms_median": measure.median_p90(base_ms)[0],
+        "speedup_ort": point,
+        "speedup_ort_lo": lo,
+        "speedup_ort_hi": hi,
+        "export_max_abs_diff": max(check.max_abs_diff for check in checks.values()),
+    }

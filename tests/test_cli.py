@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 from detectors import build_detector, load_checkpoint, save_checkpoint
 from results import ResultStore
+from runners import deploy
 from runners.cli import main, parse_options
 from tests.test_results import make_row
 
@@ -110,6 +112,11 @@ def test_prune_errors_and_success(capsys, tmp_path: Path, monkeypatch) -> None:
     # what it got: mAP before, one-shot (and no fine-tuning asked), the paired speed-up
     assert "on the synthetic-coco validation split" in out and "one-shot, not fine-tuned" in out
     assert "speed-up against the checkpoint it started from" in out and "95% CI" in out
+    if deploy.available():  # and on the runtime that deploys it, both models checked against PyTorch
+        ort = re.search(
+            r"ONNX Runtime \S+ \(CPU\) core\(\) speed-up: ([\d.]+)x \[95% CI ([\d.]+), ([\d.]+)\]", out
+        )
+        assert ort and float(ort[2]) <= float(ort[1]) <= float(ort[3]) and "both exports match" in out
     model, meta = load_checkpoint(tmp_path / "out.pt")
     assert abs(meta["prune_report"]["achieved"]["params"] - 0.4) <= 0.005
     with pytest.raises(SystemExit):

@@ -111,3 +111,16 @@ def test_export_bad_inputs(checkpoint: Path, tmp_path: Path, capsys, monkeypatch
     err = _error(capsys, ["export", "--checkpoint", str(checkpoint), "--out", str(out)])
     assert "need the deploy extra" in err and "detprune[deploy]" in err
     assert not out.exists()
+
+
+def test_paired_onnx_latency_times_both_models_on_onnxruntime(tmp_path: Path) -> None:
+    base = _build("yolox")
+    pruned = _build("yolox")
+    prune(build_method("l1"), pruned, PruneContext(round_to=1, progress=False), Target.parse("channels:0.5"))
+    timing = deploy.paired_onnx_latency(base, pruned, tmp_path, warmup=1, rounds=6, threads=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.onnx", "pruned.onnx"]
+    assert timing["speedup_ort_lo"] <= timing["speedup_ort"] <= timing["speedup_ort_hi"]
+    assert timing["speedup_ort"] == pytest.approx(
+        timing["base_ort_core_ms_median"] / timing["ort_core_ms_median"]
+    )
+    assert 0 <= timing["export_max_abs_diff"] <= 1e-3
