@@ -22,18 +22,31 @@ FIGURES = [
     "base_predict_ms_median", "speedup_core", "speedup_core_lo", "speedup_core_hi", "speedup_predict",
     "speedup_predict_lo", "speedup_predict_hi", "efficiency_core",
 ]  # fmt: skip
+# timed on ONNX Runtime too (a suite's measure.runtimes): summarised only where a row has them
+ORT_FIGURES = [
+    "ort_core_ms_median", "base_ort_core_ms_median", "speedup_ort", "speedup_ort_lo", "speedup_ort_hi",
+    "efficiency_ort",
+]  # fmt: skip
+
+
+def figures(df: pd.DataFrame) -> list[str]:
+    """The figures to summarise: every one, ONNX Runtime's where some row was timed on it."""
+    ort = "speedup_ort" in df and bool(df["speedup_ort"].notna().any())
+    return FIGURES + ORT_FIGURES if ort else list(FIGURES)
+
+
 BEST, WITHIN, APART = "best", "≈", ""
 
 
 def summarise(df: pd.DataFrame) -> pd.DataFrame:
     """One row per group: ``<figure>`` the mean, ``<figure>_std`` the std (NaN for one seed),
     ``n`` the number of seeds, plus the group's identity and the machines it ran on."""
-    out = []
+    out, names = [], figures(df)
     for key, grp in df.groupby(GROUP, dropna=False, sort=False):
         row = dict(zip(GROUP, key, strict=True))
         row["n"] = len(grp)
         row["seeds"] = ", ".join(str(int(s)) for s in sorted(grp["seed"].dropna()))
-        for name in FIGURES:
+        for name in names:
             values = grp[name].dropna()
             row[name] = values.mean() if len(values) else math.nan
             row[f"{name}_std"] = values.std(ddof=1) if len(values) > 1 else math.nan
@@ -42,7 +55,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
         health = grp["train_health"] if "train_health" in grp else pd.Series(dtype=object)
         row["health"] = "; ".join(sorted({str(h) for h in health.dropna()} - {"", "ok"}))
         out.append(row)
-    columns = [*GROUP, "n", "seeds", *FIGURES, *(f"{f}_std" for f in FIGURES), "cell_id", "health"]
+    columns = [*GROUP, "n", "seeds", *names, *(f"{f}_std" for f in names), "cell_id", "health"]
     return pd.DataFrame(out, columns=columns)
 
 

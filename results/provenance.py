@@ -65,7 +65,8 @@ def code_line(df: pd.DataFrame) -> str:
     for column, name in _LIBRARIES:
         if column == "onnxruntime" and frame[column].map(_blank).all():
             continue  # no row used it
-        parts.append(f"{name} {counted(frame[column])}")
+        # a row that used no ONNX Runtime (a base row, a suite timing PyTorch only) names none
+        parts.append(f"{name} {counted(frame[column], None if column == 'onnxruntime' else UNKNOWN)}")
     line = "Code: " + "; ".join(parts) + "."
     if (harness == UNKNOWN).any():
         line += " unknown: written before rows recorded their code (stale until recomputed)."

@@ -17,8 +17,8 @@ from typing import Any
 import pandas as pd
 from tabulate import tabulate
 
+from results.aggregate import ORT_FIGURES, summarise
 from results.aggregate import mark_within_spread as _marks
-from results.aggregate import summarise
 from results.files import write_atomically, write_text
 from results.per_class import write_per_class
 from results.plots import plot_map_vs_pr, plot_map_vs_speedup, plot_recovery, plot_trajectory, trajectories
@@ -31,6 +31,7 @@ HEADERS = (
     "Detector", "Method", "Target", "n", "PR%", "FLOPs↓%", "GMACs", "GFLOPs", "Params (M)",
     "mAP 1-shot", "mAP", "AP50", "vs best", "core ms", "speed-up [95% CI]", "eff.", "predict ms",
 )  # fmt: skip
+ORT_HEADERS = ("ORT ms", "ORT speed-up [95% CI]", "ORT eff.")  # where a suite times ONNX Runtime too
 MISSING = "-"
 FLAG = "⚠"  # a row whose training loss did not behave (see the footnote under the table)
 _METRIC_LABEL = {METRIC_COLUMNS[k]: v for k, v in METRIC_NAMES.items()}
@@ -117,6 +118,15 @@ def _speedup(r: Any) -> str:
     return f"{r.speedup_core:.2f} [{r.speedup_core_lo:.2f}, {r.speedup_core_hi:.2f}]"
 
 
+def _ort_speedup(r: Any) -> str:
+    """ONNX Runtime's speed-up as ``_speedup`` gives PyTorch's."""
+    if math.isnan(r.speedup_ort):
+        return MISSING
+    if r.n > 1:
+        return _stat(r, "speedup_ort", 2)
+    return f"{r.speedup_ort:.2f} [{r.speedup_ort_lo:.2f}, {r.speedup_ort_hi:.2f}]"
+
+
 def _method_name(r: Any) -> str:
     return r.method if not r.is_base else "base" if r.regime == "plain" else f"base ({r.regime})"
 
@@ -190,7 +200,8 @@ def _table_rows(summary: pd.DataFrame, metric: str) -> tuple[list[str], list[lis
     """The formatted table: one row per replicate group, plus a fine-tuning column when the
     frame holds several fine-tuning budgets."""
     epochs = set(summary["finetune_epochs"].dropna())
-    headers = list(HEADERS)
+    ort = "speedup_ort" in summary  # some row was timed on ONNX Runtime too (measure.runtimes)
+    headers = list(HEADERS) + (list(ORT_HEADERS) if ort else [])
     if len(epochs) > 1:
         headers.insert(3, "FT ep")
     rows = []
@@ -204,6 +215,8 @@ def _table_rows(summary: pd.DataFrame, metric: str) -> tuple[list[str], list[lis
             mark if not r.is_base else MISSING, _stat(r, "core_ms_median", 2), _speedup(r),
             _stat(r, "efficiency_core", 2), _stat(r, "predict_ms_median", 2),
         ]  # fmt: skip
+        if ort:
+            row += [_stat(r, "ort_core_ms_median", 2), _ort_speedup(r), _stat(r, "efficiency_ort", 2)]
         if len(epochs) > 1:
             row.insert(3, _fmt(r.finetune_epochs, 0))
         rows.append(row)
@@ -266,10 +279,24 @@ def _header_lines(df: pd.DataFrame, suite: str, dataset: str, metric: str) -> li
         "process, interleaved rounds, base median ÷ pruned median with a 95% bootstrap interval over "
         "the paired rounds; eff. = speed-up ÷ (base GMACs ÷ pruned GMACs), 1.0 when latency falls as "
         "fast as GMACs. A GMACs ratio is not a speed-up.",
+        *_ort_note(df),
         "",
         spread,
         "",
         *_core_conditions(df),
+    ]
+
+
+def _ort_note(df: pd.DataFrame) -> list[str]:
+    """What the ONNX Runtime columns are, where a suite measured them."""
+    if not df["speedup_ort"].notna().any():
+        return []
+    diff = df["export_max_abs_diff"].max()
+    return [
+        "",
+        "ORT: the same pairing on ONNX Runtime's CPU provider (threads not spin-waiting), both models "
+        "exported (`detprune export`'s way) and checked against PyTorch first (largest |difference| "
+        f"over the rows: {diff:.2g}); ORT eff. = ORT speed-up ÷ the GMACs ratio.",
     ]
 
 
@@ -291,7 +318,11 @@ def _safe(name: str) -> str:
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    out = _ordered(df)[CSV_COLUMNS].copy()
+    columns = list(CSV_COLUMNS)
+    if df["speedup_ort"].notna().any():  # ONNX Runtime's figures beside PyTorch's, where measured
+        at = columns.index("efficiency_core") + 1
+        columns[at:at] = [*ORT_FIGURES, "export_max_abs_diff"]
+    out = _ordered(df)[columns].copy()
     for name in ("seed", "input_size", "threads", "finetune_epochs", "harness_dirty"):
         out[name] = out[name].astype("Int64")
     write_atomically(

@@ -79,6 +79,14 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("speedup_predict_lo", "REAL"),
     ("speedup_predict_hi", "REAL"),
     ("efficiency_core", "REAL"),  # speedup_core / (base GMACs / pruned GMACs)
+    # ONNX Runtime (measure.runtimes): the same pairing on both models exported and checked
+    ("ort_core_ms_median", "REAL"),
+    ("base_ort_core_ms_median", "REAL"),
+    ("speedup_ort", "REAL"),
+    ("speedup_ort_lo", "REAL"),
+    ("speedup_ort_hi", "REAL"),
+    ("efficiency_ort", "REAL"),
+    ("export_max_abs_diff", "REAL"),  # the larger of the two exports' |ONNX Runtime - PyTorch|
     # "ok", or why the training loss looks wrong: the baseline's for a base row, the fine-tuning's
     # for a pruned one (a finite but diverging regime otherwise yields rows that look like results)
     ("train_health", "TEXT"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from datasets.base import DetectionDataset
 from detectors import Detector, load_checkpoint, save_checkpoint
 from methods import Target, build_method
 
-from . import faults, measure, provenance
+from . import deploy, faults, measure, provenance
 from .baselines import BASELINE_STAGES, BaselineFailed, Baselines
 from .evaluate import evaluate
 from .inputs import experiment_data_path, open_datasets
@@ -93,7 +94,13 @@ class CellRunner:
         else:
             timing = measure.paired_latency(base.to(self.device), model, image, *rounds)
             # speed-up / (base GMACs / pruned GMACs)
-            timing["efficiency_core"] = timing["speedup_core"] * size["gmacs"] / measure.size(base)["gmacs"]
+            shrink = size["gmacs"] / measure.size(base)["gmacs"]
+            timing["efficiency_core"] = timing["speedup_core"] * shrink
+            if "onnxruntime" in cell.measure["runtimes"]:  # both exported, checked, then paired
+                faults.reached("export")
+                with tempfile.TemporaryDirectory(dir=self.work_dir) as folder:
+                    timing |= deploy.paired_onnx_latency(base, model, Path(folder), *rounds)
+                timing["efficiency_ort"] = timing["speedup_ort"] * shrink
         values = {**metrics, **size, **timing, "eval_seconds": eval_seconds}
         return values | {"core_conditions": dict(model.core_conditions)}
 
@@ -125,7 +132,7 @@ class CellRunner:
             "env": json.dumps(env, sort_keys=True),
             "created_at": now(),
             "data_path": _relative(data) if data is not None else None,
-            **provenance.provenance(self.device),
+            **provenance.provenance(self.device, _runtimes(cell)),
             **values,
         }
 
@@ -198,3 +205,8 @@ def _health(baseline: str | None, finetune: str | None = None) -> str | None:
     if problems:
         return "; ".join(problems)
     return "ok" if baseline or finetune else None
+
+
+def _runtimes(cell: Cell) -> tuple[str, ...]:
+    """The runtimes besides PyTorch a cell's row was timed on (a base row is timed alone)."""
+    return () if cell.method == "base" else tuple(r for r in cell.measure["runtimes"] if r != "torch")

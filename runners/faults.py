@@ -8,7 +8,8 @@ its training or the measurement failed. The stages a run reaches, in order (``fa
   (``baselines.py``: only when the baseline is trained, not when it is found in the cache);
 - a pruned cell's ``scoring`` (scoring and pruning), ``one-shot-evaluation``, ``fine-tuning``,
   ``finetune-step`` (``prune.py``), then ``saving`` (``cells.py``: the pruned checkpoint);
-- ``evaluation``, ``timing`` (``cells.py``: every cell, base or pruned);
+- ``evaluation``, ``timing`` (``cells.py``: every cell, base or pruned), and ``export`` for a
+  pruned cell timed on ONNX Runtime too (``measure.runtimes``: both models exported and checked);
 - ``store`` (``executors/driver.py``: the row is written), ``tables`` (``cli.py``: after the cells).
 
 A failure recorded at stage ``ray`` is a Ray task that raised outside a cell, or was lost with

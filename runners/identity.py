@@ -71,6 +71,17 @@ def network_settings(model: nn.Module) -> dict[str, Any]:
     return found
 
 
+# keys added to a settings table after ID_SCHEME 2 began, at the value that reproduces what every
+# earlier row did: left out of a cell's identity there, so adding them moved no stored row's id
+NEUTRAL = {"measure": {"runtimes": ["torch"]}}
+
+
+def without_neutral(table: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` of a ``[table]`` less the keys at their neutral value (``NEUTRAL``)."""
+    neutral = NEUTRAL.get(table, {})
+    return {k: v for k, v in values.items() if k not in neutral or v != neutral[k]}
+
+
 @functools.cache
 def detector_fingerprint(name: str, size: str, input_size: int, options_json: str) -> str:
     """A digest of the network ``build_detector`` makes: its module tree and its settings.

@@ -19,6 +19,7 @@ from datasets import build_dataset, data_path
 from datasets.base import DatasetError, DetectionDataset
 from detectors import DetectorError, build_detector, load_weights_file
 
+from . import deploy
 from .suite import Experiment, Suite, SuiteError, weights_path
 from .suite_keys import expand_path
 
@@ -71,6 +72,8 @@ def open_datasets(experiment: Experiment, work_dir: Path) -> Pair:
 
 def check_experiments(suite: Suite, datasets: Callable[[Experiment], Pair]) -> None:
     """Open each experiment's data and build its detector once; raise the first problem."""
+    if "onnxruntime" in suite.measure["runtimes"] and not deploy.available():
+        raise SuiteError(f"{suite.path}: [measure] runtimes names onnxruntime: {deploy.EXTRA}")
     for i, plan in enumerate(suite.experiments):
         train_set, _ = datasets(plan.experiment)
         exp = plan.experiment

@@ -133,13 +133,19 @@ class Cell:
             }
         )
 
+    def _measure_identity(self) -> dict[str, Any]:
+        """How the row is measured, as far as it moves the row: a base row is timed alone, on
+        PyTorch only, whatever ``runtimes`` says; a key at its neutral value is left out."""
+        measure = identity.without_neutral("measure", self.measure)
+        return {k: v for k, v in measure.items() if k != "runtimes"} if self.method == "base" else measure
+
     def config(self) -> dict[str, Any]:
         """The cell's resolved configuration: what its row was computed with."""
         cfg = {
             "baseline": self.baseline_key,
             "method": self.method,
             "target": self.target,
-            "measure": self.measure,
+            "measure": self._measure_identity(),
             "evaluate": self.evaluate,
         }
         if self.method != "base":
@@ -174,7 +180,7 @@ class Cell:
             "method": self.method,
             "method_options": self.method_options,
             "target": self.target,
-            "measure": self.measure,
+            "measure": self._measure_identity(),
             "evaluate": self.evaluate,
         }
         if self.method != "base":

@@ -22,7 +22,10 @@ SUITE_KEYS = set(
     "name description seeds methods targets input_size jobs train finetune prune measure evaluate "
     "method_options experiments".split()
 )
-MEASURE_DEFAULTS = {"warmup": 3, "rounds": 20}
+# runtimes: where a pruned row's core() is timed against its base. PyTorch (eager) always; with
+# "onnxruntime" (the deploy extra) also both exported, checked and timed on ONNX Runtime's CPU
+MEASURE_DEFAULTS = {"warmup": 3, "rounds": 20, "runtimes": ["torch"]}
+RUNTIMES = ("torch", "onnxruntime")
 EVALUATE_DEFAULTS = {"batch_size": 16}
 EXPERIMENT_KEYS = {
     "detector",
@@ -89,6 +92,17 @@ def name_list(value: Any, where: str) -> list[str]:
     return list(value)
 
 
+def checked_runtimes(value: Any, where: str) -> list[str]:
+    """A list of known runtimes with "torch" in it (a row's PyTorch columns are always measured)."""
+    names = name_list(value, where)
+    check_known(set(names), set(RUNTIMES), where)
+    if "torch" not in names:
+        raise SuiteError(
+            f"{where} must list 'torch' (a row's PyTorch timing is always measured), not {value!r}"
+        )
+    return names
+
+
 def checked_table(raw: dict[str, Any], key: str, defaults: dict[str, Any], where: Path) -> dict[str, Any]:
     values = raw.get(key, {})
     if not isinstance(values, dict):
@@ -97,7 +111,9 @@ def checked_table(raw: dict[str, Any], key: str, defaults: dict[str, Any], where
     for name, value in values.items():
         if key == "prune" and not _PRUNE_CHECKS[name](value):
             raise SuiteError(f"{where}: [prune] {name} must be {_PRUNE_NEEDS[name]}, not {value!r}")
-        if key in ("measure", "evaluate"):
+        if key == "measure" and name == "runtimes":
+            checked_runtimes(value, f"{where}: [measure] runtimes")
+        elif key in ("measure", "evaluate"):
             whole_number(value, f"{where}: [{key}] {name}", _LEAST[name])
     return {**defaults, **values}
 

@@ -6,13 +6,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from detectors import build_detector, detector_names, save_checkpoint
 from methods import PruneContext, Target, build_method, prune
+from results import ResultStore
 from runners import cli, deploy
+from runners.executors import Driver
+from runners.executors.local import LocalExecutor
+from runners.suite import SuiteError, load_suite
 from tests.test_detector_matrix import SIZE, TV_OPTIONS
+from tests.test_grid import TINY_SUITE
 
 pytest.importorskip("onnxruntime", reason="the deploy extra (onnx, onnxruntime) is not installed")
 pytest.importorskip("onnx", reason="the deploy extra (onnx, onnxruntime) is not installed")
@@ -124,3 +131,68 @@ def test_paired_onnx_latency_times_both_models_on_onnxruntime(tmp_path: Path) ->
         timing["base_ort_core_ms_median"] / timing["ort_core_ms_median"]
     )
     assert 0 <= timing["export_max_abs_diff"] <= 1e-3
+
+
+# -- measure.runtimes: a suite's pruned rows timed on ONNX Runtime too -----------------------------
+
+
+def _suite(tmp_path: Path, runtimes: str) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_SUITE.replace("rounds = 2\n", f"rounds = 2\nruntimes = {runtimes}\n"))
+    return path
+
+
+def test_runtimes_are_checked_and_the_neutral_value_keeps_every_id(tmp_path: Path) -> None:
+    plain = load_suite(_suite(tmp_path, '["torch"]'))
+    default = tmp_path / "default.toml"
+    default.write_text(TINY_SUITE)
+    assert [c.cell_id for c in load_suite(default).cells()] == [c.cell_id for c in plain.cells()]
+    both = load_suite(_suite(tmp_path, '["torch", "onnxruntime"]'))
+    moved = {c.method for c, d in zip(plain.cells(), both.cells(), strict=True) if c.cell_id != d.cell_id}
+    assert moved == {"l1", "random"}  # a base row is timed on PyTorch alone: its id does not move
+    with pytest.raises(SuiteError, match="unknown key\\(s\\) onnxrt \\(did you mean 'onnxruntime'\\?\\)"):
+        load_suite(_suite(tmp_path, '["torch", "onnxrt"]'))
+    with pytest.raises(SuiteError, match="must list 'torch'"):
+        load_suite(_suite(tmp_path, '["onnxruntime"]'))
+
+
+def test_a_suite_times_its_pruned_rows_on_onnxruntime(tmp_path: Path) -> None:
+    argv = ["run", str(_suite(tmp_path, '["torch", "onnxruntime"]')), "--results-dir", str(tmp_path / "r"),
+            "--work-dir", str(tmp_path / "w"), "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0  # the cells, then the tables
+    rows = ResultStore(tmp_path / "r" / "tiny").frame("tiny").set_index("method")
+    for method in ("l1", "random"):
+        r = rows.loc[method]
+        assert r.speedup_ort_lo <= r.speedup_ort <= r.speedup_ort_hi
+        assert r.speedup_ort == pytest.approx(r.base_ort_core_ms_median / r.ort_core_ms_median)
+        assert r.efficiency_ort == pytest.approx(r.speedup_ort * r.gmacs / rows.loc["base"].gmacs)
+        assert 0 <= r.export_max_abs_diff <= 1e-3 and r.onnxruntime == deploy.onnxruntime().__version__
+    assert np.isnan(rows.loc["base"].speedup_ort) and pd.isna(rows.loc["base"].onnxruntime)
+    table = (tmp_path / "r" / "tiny" / "synthetic-coco.md").read_text()
+    assert f"onnxruntime {deploy.onnxruntime().__version__}." in table  # the base row used none
+    assert "ORT speed-up [95% CI]" in table and "ORT eff." in table and "checked against PyTorch" in table
+    assert "speedup_ort" in (tmp_path / "r" / "tiny" / "synthetic-coco.csv").read_text()
+
+
+def test_a_failed_export_is_the_cells_failure_at_stage_export(tmp_path: Path, monkeypatch) -> None:
+    def refuse(model, *args, **kwargs):
+        raise deploy.DeployError(f"{type(model).__name__} does not export to ONNX: test")
+
+    monkeypatch.setattr(deploy, "export_onnx", refuse)
+    suite = load_suite(_suite(tmp_path, '["torch", "onnxruntime"]'))
+    Driver(suite, tmp_path / "r", tmp_path / "w", progress=False).run(LocalExecutor())
+    store = ResultStore(tmp_path / "r" / "tiny")
+    failed = store.failures("tiny")
+    assert sorted(failed["stage"]) == ["export", "export"] and all(
+        "does not export" in e for e in failed["error"]
+    )
+    assert list(store.frame("tiny")["method"]) == ["base"]  # the base row was timed on PyTorch alone
+
+
+def test_onnxruntime_in_a_suite_without_the_extra_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(deploy, "available", lambda: False)
+    argv = ["run", str(_suite(tmp_path, '["torch", "onnxruntime"]')), "--results-dir", str(tmp_path / "r"),
+            "--work-dir", str(tmp_path / "w"), "--no-progress"]  # fmt: skip
+    err = _error(capsys, argv)
+    assert "runtimes names onnxruntime" in err and "detprune[deploy]" in err
+    assert not (tmp_path / "r").exists()
