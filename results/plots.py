@@ -174,3 +174,67 @@ def plot_trajectory(series: list[tuple[str, list[dict[str, float]]]], title: str
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize="x-small")
     write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
+
+
+_MARKERS = "os^DvP*Xh<>p"
+
+
+def plot_speedup_vs_gmacs(summary: pd.DataFrame, title: str, path: Path) -> bool:
+    """Measured speed-up against the GMACs ratio (base ÷ pruned), one panel per runtime, with
+    the line y = x: a point on it turns every GMAC saved into time saved (efficiency 1), below
+    it less. Colour: method; marker: detector. False (nothing written) where no row has a speed-up."""
+    named = (("PyTorch", "speedup_core"), ("ONNX Runtime", "speedup_ort"))
+    runtimes = [(name, col) for name, col in named if col in summary and summary[col].notna().any()]
+    pruned = summary[~summary["is_base"]]
+    if not runtimes or pruned["speedup_core"].isna().all():
+        return False
+    base = summary[summary["is_base"]].groupby(["detector", "regime"])["gmacs"].mean()
+    ratio = [base.get((d, r), math.nan) / g for d, r, g in zip(pruned["detector"], pruned["regime"],
+                                                                pruned["gmacs"], strict=True)]  # fmt: skip
+    pruned = pruned.assign(gmacs_ratio=ratio)
+    fig, axes = _panels([name for name, _ in runtimes], title)
+    colors, detectors = _colors(summary), sorted(set(pruned["detector"]))
+    for ax, (name, column) in zip(axes, runtimes, strict=True):
+        rows = pruned.dropna(subset=[column, "gmacs_ratio"])
+        top = max([1.0, *rows["gmacs_ratio"], *rows[column]]) * 1.05
+        ax.plot([0, top], [0, top], color="gray", linestyle="--", label="y = x (efficiency 1)")
+        for (method, detector), grp in rows.groupby(["method", "detector"]):
+            marker = _MARKERS[detectors.index(detector) % len(_MARKERS)]
+            low, high = grp[column] - grp[f"{column}_lo"], grp[f"{column}_hi"] - grp[column]
+            one_seed = bool(len(grp)) and bool((grp["n"] == 1).all())  # its interval; else the spread
+            err = [low.fillna(0.0), high.fillna(0.0)] if one_seed else _err(grp, column)
+            ax.errorbar(grp["gmacs_ratio"], grp[column], yerr=err, fmt=marker, capsize=3,
+                        color=colors[method], label=f"{method} · {detector}")  # fmt: skip
+        ax.set_xlim(0.9, top)
+        ax.set_ylim(0, top)
+        ax.set_title(f"{name}: core() speed-up")
+        ax.set_xlabel("GMACs ratio, base ÷ pruned (×)")
+        ax.set_ylabel("paired speed-up against its base (×)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="x-small", ncols=2)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
+    return True
+
+
+def write_plots(summary: pd.DataFrame, rows: pd.DataFrame, metric: str, title: str, stem: Path) -> list[Path]:
+    """A dataset's plots beside its table (``<stem>_<plot>.png``); return the paths written. The
+    mAP plots only where some row was evaluated (a speed-only suite has no mAP), the recovery
+    only over several fine-tuning lengths, the trajectory only where a regime logged one."""
+    written: list[Path] = []
+
+    def plot(name: str, draw: Any, *args: Any) -> None:
+        path = Path(f"{stem}_{name}.png")
+        if draw(*args, path) is not False:
+            written.append(path)
+
+    if summary[metric].notna().any():
+        plot("map_vs_pr", plot_map_vs_pr, summary, metric, f"{title}: mAP vs. pruning rate")
+        speed_title = f"{title}: mAP vs. paired core() speed-up"
+        plot("map_vs_speedup", plot_map_vs_speedup, summary, metric, speed_title)
+        if len(set(summary["finetune_epochs"].dropna())) > 1:
+            plot("recovery", plot_recovery, summary, metric, f"{title}: mAP recovery with fine-tuning")
+    plot("speedup_vs_gmacs", plot_speedup_vs_gmacs, summary, f"{title}: speed-up against GMACs ratio")
+    series = trajectories(rows)
+    if series:
+        plot("ldt_trajectory", plot_trajectory, series, f"{title}: LDT training trajectory")
+    return written

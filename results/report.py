@@ -20,10 +20,10 @@ from tabulate import tabulate
 from results.aggregate import ORT_FIGURES, summarise
 from results.aggregate import mark_within_spread as _marks
 from results.files import write_atomically, write_text
+from results.frame import normalised, ordered
 from results.per_class import write_per_class
-from results.plots import plot_map_vs_pr, plot_map_vs_speedup, plot_recovery, plot_trajectory, trajectories
+from results.plots import write_plots
 from results.provenance import code_line, machine_line
-from results.store import COLUMN_NAMES, COLUMNS
 
 METRIC_NAMES = {"ap": "AP@[.5:.95]", "ap50": "AP@0.5"}
 METRIC_COLUMNS = {"ap": "map", "ap50": "ap50"}  # the store column a metric's "mAP" is read from
@@ -35,8 +35,6 @@ ORT_HEADERS = ("ORT ms", "ORT speed-up [95% CI]", "ORT eff.")  # where a suite t
 MISSING = "-"
 FLAG = "⚠"  # a row whose training loss did not behave (see the footnote under the table)
 _METRIC_LABEL = {METRIC_COLUMNS[k]: v for k, v in METRIC_NAMES.items()}
-_NUMERIC = [name for name, sqltype in COLUMNS if sqltype in ("REAL", "INTEGER")]
-_TEXT = [name for name, sqltype in COLUMNS if sqltype == "TEXT"]
 # The CSV: identity of the cell, then every number the store holds (plus GFLOPs).
 CSV_COLUMNS = [
     "detector", "regime", "method", "target", "target_kind", "target_rate", "seed", "input_size",
@@ -50,40 +48,6 @@ CSV_COLUMNS = [
     "harness_dirty", "code_digest", "python", "torch", "torchvision", "torch_pruning", "onnxruntime",
     "gpu_driver",
 ]  # fmt: skip
-
-
-def _text(value: Any) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
-
-
-def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
-    """Give a frame every store column with clean types, so hand-made frames work too."""
-    df = frame.reindex(columns=list(COLUMN_NAMES)).copy()
-    for name in _NUMERIC:
-        df[name] = pd.to_numeric(df[name], errors="coerce").astype("float64")
-    for name in _TEXT:
-        df[name] = df[name].map(_text)
-    df["regime"] = df["regime"].replace("", "plain")
-    df["is_base"] = df["target"] == ""
-    df["gflops"] = 2.0 * df["gmacs"]
-    return df
-
-
-def _ordered(df: pd.DataFrame) -> pd.DataFrame:
-    """Per detector and regime ("plain" first): the base row, then method x target by rate
-    (then fine-tuning epochs and seed, where the frame has them)."""
-
-    def num(v: Any) -> float:
-        return -1.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-
-    def key(r: Any) -> tuple:
-        return (r.detector, r.regime != "plain", r.regime, not r.is_base, r.method, r.target_kind,
-                num(r.target_rate), r.target, num(r.finetune_epochs), num(getattr(r, "seed", -1)),
-                r.cell_id)  # fmt: skip
-
-    keys = [key(r) for r in df.itertuples(index=False)]
-    order = sorted(range(len(df)), key=keys.__getitem__)
-    return df.iloc[order].reset_index(drop=True)
 
 
 def _metric_column(df: pd.DataFrame) -> str:
@@ -191,7 +155,7 @@ def render_failures(failures: pd.DataFrame) -> str:
 
 
 def _summary(df: pd.DataFrame, metric: str) -> pd.DataFrame:
-    summary = _ordered(summarise(df))
+    summary = ordered(summarise(df))
     summary["mark"] = _marks(summary, metric)
     return summary
 
@@ -231,7 +195,7 @@ def _tabulate(headers: list[str], rows: list[list[str]], fmt: str) -> str:
 
 def render_table(frame: pd.DataFrame, dataset: str | None = None) -> str:
     """One dataset's markdown table (for the CLI); ``dataset`` picks one from a wider frame."""
-    df = _normalise(frame)
+    df = normalised(frame)
     if dataset is not None:
         df = df[df["dataset"] == dataset]
     datasets = sorted(set(df["dataset"]))
@@ -280,6 +244,7 @@ def _header_lines(df: pd.DataFrame, suite: str, dataset: str, metric: str) -> li
         "the paired rounds; eff. = speed-up ÷ (base GMACs ÷ pruned GMACs), 1.0 when latency falls as "
         "fast as GMACs. A GMACs ratio is not a speed-up.",
         *_ort_note(df),
+        *_timing_notes(df),
         "",
         spread,
         "",
@@ -292,12 +257,43 @@ def _ort_note(df: pd.DataFrame) -> list[str]:
     if not df["speedup_ort"].notna().any():
         return []
     diff = df["export_max_abs_diff"].max()
+    found = sorted(set(df["ort_provider"]) - {"", "CPUExecutionProvider"})
+    provider = f"{', '.join(found)} (else CPU)" if found else "CPU provider"
     return [
         "",
-        "ORT: the same pairing on ONNX Runtime's CPU provider (threads not spin-waiting), both models "
+        f"ORT: the same pairing on ONNX Runtime's {provider} (threads not spin-waiting), both models "
         "exported (`detprune export`'s way) and checked against PyTorch first (largest |difference| "
         f"over the rows: {diff:.2g}); ORT eff. = ORT speed-up ÷ the GMACs ratio.",
     ]
+
+
+def _timing_notes(df: pd.DataFrame) -> list[str]:
+    """How many paired rounds the rows took, where they recorded it, and what a speed-only
+    (untrained) row means; nothing for rows that predate both."""
+    lines = []
+    if (df["speed_only"] == 1).any():
+        lines += [
+            "",
+            "Speed only: untrained weights, widths as each criterion chose them on those weights. No "
+            "mAP (untrained weights detect nothing) and no predict timing (its NMS times the boxes "
+            "untrained weights make, not the network).",
+        ]
+    counts = [
+        f"{what} {_span(df[column])}"
+        for what, column in (("PyTorch", "timing_rounds"), ("ORT", "ort_timing_rounds"))
+        if df[column].notna().any()
+    ]
+    if counts:
+        lines += [
+            "",
+            f"Paired rounds per row: {', '.join(counts)} (measure.halfwidth adds rounds to wide intervals).",
+        ]
+    return lines
+
+
+def _span(values: pd.Series) -> str:
+    low, high = int(values.min()), int(values.max())
+    return str(low) if low == high else f"{low}–{high}"
 
 
 def _core_conditions(df: pd.DataFrame) -> list[str]:
@@ -321,9 +317,14 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
     columns = list(CSV_COLUMNS)
     if df["speedup_ort"].notna().any():  # ONNX Runtime's figures beside PyTorch's, where measured
         at = columns.index("efficiency_core") + 1
-        columns[at:at] = [*ORT_FIGURES, "export_max_abs_diff"]
-    out = _ordered(df)[columns].copy()
-    for name in ("seed", "input_size", "threads", "finetune_epochs", "harness_dirty"):
+        provider = ["ort_provider"] if (df["ort_provider"] != "").any() else []
+        columns[at:at] = [*ORT_FIGURES, "export_max_abs_diff", *provider]
+    at = columns.index("threads")
+    columns[at:at] = [c for c in ("timing_rounds", "ort_timing_rounds", "speed_only") if df[c].notna().any()]
+    out = ordered(df)[columns].copy()
+    integers = ("seed", "input_size", "threads", "finetune_epochs", "harness_dirty", "timing_rounds",
+                "ort_timing_rounds", "speed_only")  # fmt: skip
+    for name in (c for c in integers if c in out):
         out[name] = out[name].astype("Int64")
     write_atomically(
         path, lambda tmp: out.to_csv(tmp, index=False, float_format="%.10g", lineterminator="\n")
@@ -340,7 +341,7 @@ def write_reports(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    df = _normalise(frame)
+    df = normalised(frame)
     written: list[Path] = []
     failed_md = out_dir / "failures.md"
     listing = render_failures(failures) if failures is not None else ""
@@ -377,21 +378,8 @@ def write_reports(
         body = _tabulate(headers, rows, "latex_booktabs").replace("↓", r"$\downarrow$").replace("±", r"$\pm$")
         write_text(tex, f"% {suite} / {dataset}: mAP = {_METRIC_LABEL[metric]} (x100)\n{body}\n")
 
-        title = f"{suite} / {dataset}"
-        pr_png = Path(f"{stem}_map_vs_pr.png")
-        plot_map_vs_pr(summary, metric, f"{title}: mAP vs. pruning rate", pr_png)
-        speed_png = Path(f"{stem}_map_vs_speedup.png")
-        plot_map_vs_speedup(summary, metric, f"{title}: mAP vs. paired core() speed-up", speed_png)
-        written += [md, csv, summary_csv, tex, pr_png, speed_png]
-        written += write_per_class(_ordered(sub), stem, suite, dataset)
+        written += [md, csv, summary_csv, tex]
+        written += write_plots(summary, sub, metric, f"{suite} / {dataset}", stem)
+        written += write_per_class(ordered(sub), stem, suite, dataset)
         written += _write_coco_breakdown(sub, summary, stem, suite, dataset)
-        if len(set(summary["finetune_epochs"].dropna())) > 1:
-            recovery_png = Path(f"{stem}_recovery.png")
-            plot_recovery(summary, metric, f"{title}: mAP recovery with fine-tuning", recovery_png)
-            written.append(recovery_png)
-        series = trajectories(sub)
-        if series:
-            trajectory_png = Path(f"{stem}_ldt_trajectory.png")
-            plot_trajectory(series, f"{title}: LDT training trajectory", trajectory_png)
-            written.append(trajectory_png)
     return written

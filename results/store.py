@@ -118,6 +118,10 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("gpu_driver", "TEXT"),  # where the row ran on a GPU
     ("data_path", "TEXT"),  # the data the cell read (a synthetic set's folder: detprune verify)
     ("legacy_cell_id", "TEXT"),  # the id an earlier id scheme gave the row, where it was re-keyed
+    ("timing_rounds", "INTEGER"),  # paired rounds core() took on PyTorch (measure.halfwidth: more)
+    ("ort_timing_rounds", "INTEGER"),  # ... on ONNX Runtime
+    ("ort_provider", "TEXT"),  # the ONNX Runtime execution provider that timed it
+    ("speed_only", "INTEGER"),  # 1: untrained weights, sizes and speed only (no mAP)
 )
 COLUMN_NAMES: tuple[str, ...] = tuple(name for name, _ in COLUMNS)
 JSON_COLUMNS: frozenset[str] = frozenset({"config", "report", "env", "per_class_ap"})

@@ -32,7 +32,8 @@ from methods.engine.training import train
 from . import faults, provenance
 from .locks import held, lock_path
 from .recompute import Recompute, now
-from .suite import Cell, Experiment, weights_path
+from .suite import Cell, Experiment
+from .suite_keys import weights_path
 
 # a failure here leaves no baseline (once saved, it is there: a later failure is the cell's own)
 BASELINE_STAGES = ("baseline-training", "baseline-step")

@@ -81,28 +81,33 @@ class CellRunner:
     def _measure(
         self, model: Detector, cell: Cell, val_set: DetectionDataset, base: Detector | None = None
     ) -> dict[str, Any]:
-        """mAP, size, and latency: alone for a base row, paired against ``base`` for a pruned one."""
-        faults.reached("evaluation")
-        start = time.perf_counter()
-        metrics = evaluate(model, val_set, cell.evaluate["batch_size"], self.progress)
-        eval_seconds = time.perf_counter() - start
+        """mAP, size, and latency: alone for a base row, paired against ``base`` for a pruned one.
+        A speed-only cell (``Cell.speed_only``) is neither evaluated nor timed end to end."""
+        metrics, eval_seconds = {}, None
+        if not cell.speed_only:
+            faults.reached("evaluation")
+            start = time.perf_counter()
+            metrics = evaluate(model, val_set, cell.evaluate["batch_size"], self.progress)
+            eval_seconds = time.perf_counter() - start
         faults.reached("timing")
-        image, rounds = val_set[0][0], (cell.measure["warmup"], cell.measure["rounds"])
-        size = measure.size(model)
+        image = None if cell.speed_only else val_set[0][0]
+        size, timing_of = measure.size(model), measure.Timing.of(cell.measure)
         if base is None:
-            timing = measure.latency(model, image, *rounds)
+            timing = measure.latency(model, image, timing_of.warmup, timing_of.rounds)
         else:
-            timing = measure.paired_latency(base.to(self.device), model, image, *rounds)
+            timing = measure.paired_latency(base.to(self.device), model, image, timing_of)
             # speed-up / (base GMACs / pruned GMACs)
             shrink = size["gmacs"] / measure.size(base)["gmacs"]
             timing["efficiency_core"] = timing["speedup_core"] * shrink
             if "onnxruntime" in cell.measure["runtimes"]:  # both exported, checked, then paired
                 faults.reached("export")
                 with tempfile.TemporaryDirectory(dir=self.work_dir) as folder:
-                    timing |= deploy.paired_onnx_latency(base, model, Path(folder), *rounds)
+                    timing |= deploy.paired_onnx_latency(
+                        base, model, Path(folder), timing_of, device=self.device
+                    )
                 timing["efficiency_ort"] = timing["speedup_ort"] * shrink
         values = {**metrics, **size, **timing, "eval_seconds": eval_seconds}
-        return values | {"core_conditions": dict(model.core_conditions)}
+        return values | {"core_conditions": dict(model.core_conditions), "speed_only": int(cell.speed_only)}
 
     def _row(self, cell: Cell, values: dict[str, Any]) -> dict[str, Any]:
         values = dict(values)
@@ -166,7 +171,7 @@ class CellRunner:
             progress=self.progress,
             score_cache=self._score_caches.setdefault(f"{cell.baseline_key}:{cell.prune}", {}),
             desc=f"fine-tune {cell.label}",
-            val_set=val_set,
+            val_set=None if cell.speed_only else val_set,  # no one-shot mAP of untrained weights
             eval_batch_size=cell.evaluate["batch_size"],
         )
         report, stats, oneshot = pruned.report, pruned.finetune, pruned.oneshot or {}

@@ -20,8 +20,8 @@ from datasets.base import DatasetError, DetectionDataset
 from detectors import DetectorError, build_detector, load_weights_file
 
 from . import deploy
-from .suite import Experiment, Suite, SuiteError, weights_path
-from .suite_keys import expand_path
+from .suite import Experiment, Suite, SuiteError
+from .suite_keys import expand_path, weights_path
 
 DECODED_IMAGE_BYTES = 1 << 30  # per split and process; a larger set decodes the rest from disk
 Pair = tuple[DetectionDataset, DetectionDataset]

@@ -9,8 +9,6 @@ Each (experiment, seed, regime) also yields one ``base`` cell: the unpruned base
 from __future__ import annotations
 
 import difflib
-import functools
-import hashlib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,38 +30,15 @@ from .suite_keys import (
     check_known,
     checked_schedule,
     checked_table,
-    expand_path,
     name_list,
     parse_override,
+    weights_digest,
     whole_number,
 )
 
 __all__ = ["Cell", "Experiment", "Plan", "Suite", "SuiteError", "load_suite", "parse_override", "suite_names"]
 
 SUITES_DIR = Path(__file__).parent / "suites"
-
-
-def weights_path(weights: str) -> Path:
-    """An experiment's ``weights`` with ``$VARS`` and ``~`` expanded; an unset variable is an error."""
-    path, unset = expand_path(weights)
-    if unset:
-        raise SuiteError(f"weights '{weights}' needs the environment variable {unset}")
-    return path
-
-
-@functools.cache
-def _digest(path: Path, mtime_ns: int, size: int) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def weights_digest(weights: str) -> str:
-    """SHA-256 of a weights file, hashed once per process per version of the file."""
-    path = weights_path(weights)
-    if not path.is_file():
-        raise SuiteError(f"weights file not found: {path}")
-    stat = path.stat()
-    return _digest(path.resolve(), stat.st_mtime_ns, stat.st_size)
 
 
 def _hash(payload: Any) -> str:
@@ -112,6 +87,12 @@ class Cell:
         return {"weights_sha256": weights_digest(self.experiment.weights)}
 
     @property
+    def speed_only(self) -> bool:
+        """Untrained weights (no weights file, no training): only sizes and speed mean anything,
+        so the cell is neither evaluated nor fine-tuned for accuracy's sake (its table says so)."""
+        return self.train.epochs == 0 and not self.experiment.weights
+
+    @property
     def baseline_key(self) -> str:
         """What determines a trained baseline, resolved (``identity.py``): not the method,
         target, or fine-tuning."""
@@ -135,9 +116,12 @@ class Cell:
 
     def _measure_identity(self) -> dict[str, Any]:
         """How the row is measured, as far as it moves the row: a base row is timed alone, on
-        PyTorch only, whatever ``runtimes`` says; a key at its neutral value is left out."""
+        PyTorch only, for ``rounds`` (``runtimes`` and the pairs' ``halfwidth`` are not its); a key
+        at its neutral value is left out."""
         measure = identity.without_neutral("measure", self.measure)
-        return {k: v for k, v in measure.items() if k != "runtimes"} if self.method == "base" else measure
+        if self.method != "base":
+            return measure
+        return {k: v for k, v in measure.items() if k not in ("runtimes", "halfwidth", "max_seconds")}
 
     def config(self) -> dict[str, Any]:
         """The cell's resolved configuration: what its row was computed with."""
@@ -228,6 +212,13 @@ class Suite:
     def cells(self) -> list[Cell]:
         """Base cells first, so every baseline is trained and measured before any pruning."""
         base, pruned = [], []
+        # round_to as a list is an axis: one set of pruned cells per alignment (a base row has none)
+        alignments = self.prune["round_to"]
+        prunes = (
+            [{**self.prune, "round_to": r} for r in alignments]
+            if isinstance(alignments, list)
+            else [self.prune]
+        )
         for plan in self.experiments:
             experiment, methods, targets = plan.experiment, plan.methods, plan.targets
             for seed in self.seeds:
@@ -238,28 +229,29 @@ class Suite:
                     input_size=plan.input_size,
                     train=plan.train,
                     finetune=plan.finetune,
-                    prune=self.prune,
                     measure=self.measure,
                     evaluate=self.evaluate,
                 )
                 built = {m: build_method(m, **self.method_options.get(m, {})) for m in methods}
                 regimes, labels = _regimes(built)
                 base += [
-                    Cell(method="base", target="", regime=r, regime_options=opts, **common)
+                    Cell(method="base", target="", regime=r, regime_options=opts, prune=prunes[0], **common)
                     for r, opts in sorted(regimes.items())
                 ]
-                for name in built:
-                    for target in targets:
-                        pruned.append(
-                            Cell(
-                                method=name,
-                                target=target,
-                                regime=labels[name],
-                                method_options=self.method_options.get(name, {}),
-                                regime_options=regimes[labels[name]],
-                                **common,
-                            )
-                        )
+                pruned += [
+                    Cell(
+                        method=name,
+                        target=target,
+                        regime=labels[name],
+                        method_options=self.method_options.get(name, {}),
+                        regime_options=regimes[labels[name]],
+                        prune=prune,
+                        **common,
+                    )
+                    for name in built
+                    for target in targets
+                    for prune in prunes
+                ]
         # experiments that differ only after the baseline (fine-tuning budgets) share base cells
         unique = {c.cell_id: c for c in base + pruned}
         return list(unique.values())

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
+import hashlib
 import os
 import re
 import tomllib
@@ -24,7 +26,9 @@ SUITE_KEYS = set(
 )
 # runtimes: where a pruned row's core() is timed against its base. PyTorch (eager) always; with
 # "onnxruntime" (the deploy extra) also both exported, checked and timed on ONNX Runtime's CPU
-MEASURE_DEFAULTS = {"warmup": 3, "rounds": 20, "runtimes": ["torch"]}
+# halfwidth: more paired rounds until the speed-up's 95% interval is within this share of it
+# either side (0: exactly ``rounds``), for at most max_seconds per pair (measure.Timing)
+MEASURE_DEFAULTS = {"warmup": 3, "rounds": 20, "runtimes": ["torch"], "halfwidth": 0.0, "max_seconds": 120.0}
 RUNTIMES = ("torch", "onnxruntime")
 EVALUATE_DEFAULTS = {"batch_size": 16}
 EXPERIMENT_KEYS = {
@@ -53,6 +57,29 @@ class SuiteError(ValueError):
     """A suite that cannot run, reported as one line naming the file."""
 
 
+def weights_path(weights: str) -> Path:
+    """An experiment's ``weights`` with ``$VARS`` and ``~`` expanded; an unset variable is an error."""
+    path, unset = expand_path(weights)
+    if unset:
+        raise SuiteError(f"weights '{weights}' needs the environment variable {unset}")
+    return path
+
+
+@functools.cache
+def _digest(path: Path, mtime_ns: int, size: int) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def weights_digest(weights: str) -> str:
+    """SHA-256 of a weights file, hashed once per process per version of the file."""
+    path = weights_path(weights)
+    if not path.is_file():
+        raise SuiteError(f"weights file not found: {path}")
+    stat = path.stat()
+    return _digest(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
 def check_known(found: set[str] | list[str], known: set[str] | list[str], where: str) -> None:
     """A SuiteError naming the first unknown key and the nearest known one (``epoch`` -> ``epochs``)."""
     unknown = sorted(set(found) - set(known))
@@ -71,18 +98,28 @@ def whole_number(value: Any, where: str, least: int) -> int:
 
 
 # the knobs' types and ranges, checked before a cell runs
+def _alignment(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 _PRUNE_CHECKS = {
-    "round_to": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    # a list is an axis, as targets are: each value its own cells (channel alignment measured)
+    "round_to": lambda v: (
+        _alignment(v)
+        or (isinstance(v, list) and bool(v) and all(map(_alignment, v)) and len(set(v)) == len(v))
+    ),
     "max_layer_ratio": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 1,
     "tolerance": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1,
     "calibration_images": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
 }
 _PRUNE_NEEDS = {
-    "round_to": "a whole number >= 1",
+    "round_to": "a whole number >= 1, or a list of distinct ones",
     "max_layer_ratio": "a number in (0, 1]",
     "tolerance": "a number in (0, 1)",
     "calibration_images": "a whole number >= 1",
 }
+_MEASURE_CHECKS = {"halfwidth": lambda v: 0 <= v < 1, "max_seconds": lambda v: v > 0}
+_MEASURE_NEEDS = {"halfwidth": "a number in [0, 1)", "max_seconds": "a number of seconds > 0"}
 _LEAST = {"warmup": 0, "rounds": 1, "batch_size": 1}  # [measure] and [evaluate]
 
 
@@ -113,6 +150,13 @@ def checked_table(raw: dict[str, Any], key: str, defaults: dict[str, Any], where
             raise SuiteError(f"{where}: [prune] {name} must be {_PRUNE_NEEDS[name]}, not {value!r}")
         if key == "measure" and name == "runtimes":
             checked_runtimes(value, f"{where}: [measure] runtimes")
+        elif key == "measure" and name in _MEASURE_CHECKS:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not _MEASURE_CHECKS[name](value)
+            ):
+                raise SuiteError(f"{where}: [measure] {name} must be {_MEASURE_NEEDS[name]}, not {value!r}")
         elif key in ("measure", "evaluate"):
             whole_number(value, f"{where}: [{key}] {name}", _LEAST[name])
     return {**defaults, **values}

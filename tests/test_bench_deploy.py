@@ -18,7 +18,7 @@ from torch import nn
 from detectors import build_detector
 from methods import PruneContext, Target, build_method, count_gmacs, prune
 from runners import deploy
-from runners.measure import paired_latency
+from runners.measure import Timing, paired_latency
 
 pytest.importorskip("onnxruntime", reason="the deploy extra (onnx, onnxruntime) is not installed")
 
@@ -47,8 +47,8 @@ def test_yolov8s_at_640_on_pytorch_and_onnxruntime(tmp_path) -> None:
         ctx = PruneContext(round_to=round_to, progress=False)
         prune(build_method("l1"), pruned, ctx, Target.parse("params:0.5"))
         ratio = count_gmacs(base) / count_gmacs(pruned)
-        torch_t = paired_latency(base, pruned, torch.rand(3, 640, 640), warmup=2, rounds=15)
-        ort_t = deploy.paired_onnx_latency(base, pruned, tmp_path, warmup=2, rounds=15)
+        torch_t = paired_latency(base, pruned, torch.rand(3, 640, 640), Timing(warmup=2, rounds=15))
+        ort_t = deploy.paired_onnx_latency(base, pruned, tmp_path, Timing(warmup=2, rounds=15))
         assert ort_t["speedup_ort_lo"] <= ort_t["speedup_ort"] <= ort_t["speedup_ort_hi"]
         assert ort_t["export_max_abs_diff"] < 1e-2
         lines.append(

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from detectors import build_detector
-from runners.measure import paired_latency, speedup
+from runners.measure import Timing, paired_latency, speedup
 
 
 def test_speedup_interval_covers_the_true_ratio() -> None:
@@ -32,7 +32,7 @@ def test_two_copies_of_one_model_time_alike() -> None:
     torch.manual_seed(0)
     model = build_detector("fcos", 3, "tiny", 128).eval()
     twin = copy.deepcopy(model)
-    timing = paired_latency(model, twin, torch.rand(3, 128, 128), warmup=10, rounds=200)
+    timing = paired_latency(model, twin, torch.rand(3, 128, 128), Timing(warmup=10, rounds=200))
     print(
         f"\ntwo copies of fcos-tiny at 128 px, {torch.get_num_threads()} threads, 200 paired rounds: "
         f"core speed-up {timing['speedup_core']:.3f} [{timing['speedup_core_lo']:.3f}, "

@@ -17,6 +17,7 @@ from results import ResultStore
 from runners import cli, deploy
 from runners.executors import Driver
 from runners.executors.local import LocalExecutor
+from runners.measure import Timing
 from runners.suite import SuiteError, load_suite
 from tests.test_detector_matrix import SIZE, TV_OPTIONS
 from tests.test_grid import TINY_SUITE
@@ -124,7 +125,7 @@ def test_paired_onnx_latency_times_both_models_on_onnxruntime(tmp_path: Path) ->
     base = _build("yolox")
     pruned = _build("yolox")
     prune(build_method("l1"), pruned, PruneContext(round_to=1, progress=False), Target.parse("channels:0.5"))
-    timing = deploy.paired_onnx_latency(base, pruned, tmp_path, warmup=1, rounds=6, threads=1)
+    timing = deploy.paired_onnx_latency(base, pruned, tmp_path, Timing(warmup=1, rounds=6), threads=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.onnx", "pruned.onnx"]
     assert timing["speedup_ort_lo"] <= timing["speedup_ort"] <= timing["speedup_ort_hi"]
     assert timing["speedup_ort"] == pytest.approx(

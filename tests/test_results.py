@@ -54,7 +54,7 @@ def make_row(cell_id: str = "c1", **over: object) -> dict:
 
 def test_schema_is_defined_once() -> None:
     names = [n for n, _ in COLUMNS]
-    assert names[0] == "cell_id" and len(names) == len(set(names)) == 76
+    assert names[0] == "cell_id" and len(names) == len(set(names)) == 80
     assert {t for _, t in COLUMNS} == {"TEXT", "REAL", "INTEGER"}
 
 
@@ -263,7 +263,8 @@ def table_lines(md: str) -> list[list[str]]:
 def test_write_reports_files_and_order(tmp_path: Path) -> None:
     paths = write_reports(grid_frame(), tmp_path / "smoke", "smoke")
     names = sorted(p.name for p in paths)
-    suffixes = (".csv", ".md", ".tex", "_map_vs_pr.png", "_map_vs_speedup.png", "_summary.csv", "_coco_ap.md")
+    suffixes = (".csv", ".md", ".tex", "_map_vs_pr.png", "_map_vs_speedup.png", "_speedup_vs_gmacs.png", "_summary.csv",
+                "_coco_ap.md")
     assert names == sorted(f"{d}{s}" for d in ("coco", "kitti") for s in suffixes)
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths if p.suffix == ".png")
