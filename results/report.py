@@ -31,6 +31,7 @@ HEADERS = (
     "Detector", "Method", "Target", "n", "PR%", "FLOPs↓%", "GMACs", "GFLOPs", "Params (M)",
     "mAP 1-shot", "mAP", "AP50", "vs best", "core ms", "speed-up [95% CI]", "eff.", "predict ms",
 )  # fmt: skip
+_ACCURACY_HEADERS = ("mAP 1-shot", "mAP", "AP50", "vs best", "predict ms")  # absent from speed-only tables
 ORT_HEADERS = ("ORT ms", "ORT speed-up [95% CI]", "ORT eff.")  # where a suite times ONNX Runtime too
 MISSING = "-"
 FLAG = "⚠"  # a row whose training loss did not behave (see the footnote under the table)
@@ -184,6 +185,9 @@ def _table_rows(summary: pd.DataFrame, metric: str) -> tuple[list[str], list[lis
         if len(epochs) > 1:
             row.insert(3, _fmt(r.finetune_epochs, 0))
         rows.append(row)
+    if summary[[metric, "predict_ms_median"]].isna().all().all():  # speed only: nothing evaluated
+        keep = [i for i, h in enumerate(headers) if h not in _ACCURACY_HEADERS]
+        headers, rows = [headers[i] for i in keep], [[row[i] for i in keep] for row in rows]
     return headers, rows
 
 

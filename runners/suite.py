@@ -28,6 +28,7 @@ from .suite_keys import (
     SuiteError,
     apply_overrides,
     check_known,
+    checked_round_to,
     checked_schedule,
     checked_table,
     name_list,
@@ -189,6 +190,7 @@ class Plan:
     train: Schedule
     finetune: Schedule
     input_size: int
+    round_to: Any = None  # its own alignments (a number or a list); None: the suite's [prune]
 
 
 @dataclass
@@ -212,15 +214,14 @@ class Suite:
     def cells(self) -> list[Cell]:
         """Base cells first, so every baseline is trained and measured before any pruning."""
         base, pruned = [], []
-        # round_to as a list is an axis: one set of pruned cells per alignment (a base row has none)
-        alignments = self.prune["round_to"]
-        prunes = (
-            [{**self.prune, "round_to": r} for r in alignments]
-            if isinstance(alignments, list)
-            else [self.prune]
-        )
         for plan in self.experiments:
             experiment, methods, targets = plan.experiment, plan.methods, plan.targets
+            # round_to as a list is an axis: one set of pruned cells per alignment (a base row has none)
+            alignments = self.prune["round_to"] if plan.round_to is None else plan.round_to
+            prunes = [
+                {**self.prune, "round_to": r}
+                for r in (alignments if isinstance(alignments, list) else [alignments])
+            ]
             for seed in self.seeds:
                 common = dict(
                     suite=self.name,
@@ -357,7 +358,12 @@ def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None
         input_size = whole_number(
             entry.get("input_size", raw.get("input_size", 128)), f"{path}: experiment {i}: input_size", 1
         )
-        experiments.append(Plan(experiment, methods, targets, plan_train, plan_finetune, input_size))
+        round_to = entry.get("round_to")
+        if round_to is not None:
+            checked_round_to(round_to, f"{path}: experiment {i}")
+        experiments.append(
+            Plan(experiment, methods, targets, plan_train, plan_finetune, input_size, round_to)
+        )
     if not experiments:
         raise SuiteError(f"{path}: no [[experiments]]")
     seeds = raw.get("seeds", [0])

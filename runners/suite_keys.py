@@ -43,6 +43,7 @@ EXPERIMENT_KEYS = {
     "finetune",
     "input_size",  # a single-level stride-32 detector (YOLOF) needs larger inputs than the rest
     "weights",  # a weights file the baseline starts from (torchvision's published ones)
+    "round_to",  # this experiment's alignments, instead of [prune]'s (one axis per detector size)
 }
 
 
@@ -112,6 +113,15 @@ _PRUNE_CHECKS = {
     "tolerance": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1,
     "calibration_images": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
 }
+
+
+def checked_round_to(value: Any, where: str) -> Any:
+    """``round_to`` as a suite or an experiment gives it: one whole number, or a list (an axis)."""
+    if not _PRUNE_CHECKS["round_to"](value):
+        raise SuiteError(f"{where}: round_to must be {_PRUNE_NEEDS['round_to']}, not {value!r}")
+    return value
+
+
 _PRUNE_NEEDS = {
     "round_to": "a whole number >= 1, or a list of distinct ones",
     "max_layer_ratio": "a number in (0, 1]",

@@ -263,8 +263,8 @@ def table_lines(md: str) -> list[list[str]]:
 def test_write_reports_files_and_order(tmp_path: Path) -> None:
     paths = write_reports(grid_frame(), tmp_path / "smoke", "smoke")
     names = sorted(p.name for p in paths)
-    suffixes = (".csv", ".md", ".tex", "_map_vs_pr.png", "_map_vs_speedup.png", "_speedup_vs_gmacs.png", "_summary.csv",
-                "_coco_ap.md")
+    plots = ("_map_vs_pr.png", "_map_vs_speedup.png", "_speedup_vs_gmacs.png")
+    suffixes = (".csv", ".md", ".tex", *plots, "_summary.csv", "_coco_ap.md")
     assert names == sorted(f"{d}{s}" for d in ("coco", "kitti") for s in suffixes)
     assert all(p.exists() and p.stat().st_size > 0 for p in paths)
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths if p.suffix == ".png")

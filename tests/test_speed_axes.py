@@ -64,6 +64,21 @@ def test_round_to_as_a_list_is_an_axis_of_pruned_cells(tmp_path: Path) -> None:
             load_suite(_suite(tmp_path, f"round_to = {bad}\n"))
 
 
+def test_an_experiment_may_give_its_own_alignments(tmp_path: Path) -> None:
+    # the same detector twice: every method at 1 and 16, l1 also at 8; one base row for both
+    path = _suite(tmp_path, "round_to = [1, 16]\n")
+    data = "data = { num_train = 16, num_val = 8, image_size = 64 }\n"
+    second = '\n[[experiments]]\ndetector = "fcos"\ndataset = "synthetic-coco"\nmethods = ["l1"]\n'
+    path.write_text(path.read_text() + second + "round_to = [8]\n" + data)
+    cells = load_suite(path).cells()
+    assert [c.method for c in cells].count("base") == 1
+    aligned = sorted((c.method, c.prune["round_to"]) for c in cells if c.method != "base")
+    assert aligned == [("l1", 1), ("l1", 8), ("l1", 16), ("random", 1), ("random", 16)]
+    path.write_text(path.read_text().replace("round_to = [8]", "round_to = [8, 8]"))
+    with pytest.raises(SuiteError, match="experiment 1: round_to must be a whole number >= 1, or a list"):
+        load_suite(path)
+
+
 def test_halfwidth_and_its_cap_are_checked_and_move_only_pruned_ids(tmp_path: Path) -> None:
     plain = load_suite(_suite(tmp_path)).cells()
     narrow = load_suite(_suite(tmp_path, measure="halfwidth = 0.02\nmax_seconds = 30\n")).cells()
