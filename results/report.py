@@ -19,6 +19,7 @@ from tabulate import tabulate
 
 from results.aggregate import ORT_FIGURES, summarise
 from results.aggregate import mark_within_spread as _marks
+from results.batches import write_batches
 from results.files import write_atomically, write_text
 from results.frame import normalised, ordered
 from results.per_class import write_per_class
@@ -325,6 +326,7 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
         columns[at:at] = [*ORT_FIGURES, "export_max_abs_diff", *provider]
     at = columns.index("threads")
     columns[at:at] = [c for c in ("timing_rounds", "ort_timing_rounds", "speed_only") if df[c].notna().any()]
+    columns += ["batch_timings"] if (df["batch_timings"] != "").any() else []  # JSON, per batch size
     out = ordered(df)[columns].copy()
     integers = ("seed", "input_size", "threads", "finetune_epochs", "harness_dirty", "timing_rounds",
                 "ort_timing_rounds", "speed_only")  # fmt: skip
@@ -385,5 +387,6 @@ def write_reports(
         written += [md, csv, summary_csv, tex]
         written += write_plots(summary, sub, metric, f"{suite} / {dataset}", stem)
         written += write_per_class(ordered(sub), stem, suite, dataset)
+        written += write_batches(ordered(sub), stem, suite, dataset)
         written += _write_coco_breakdown(sub, summary, stem, suite, dataset)
     return written

@@ -122,6 +122,8 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("ort_timing_rounds", "INTEGER"),  # ... on ONNX Runtime
     ("ort_provider", "TEXT"),  # the ONNX Runtime execution provider that timed it
     ("speed_only", "INTEGER"),  # 1: untrained weights, sizes and speed only (no mAP)
+    # measure.batch_sizes beyond 1: JSON {batch: {speedup_core, _lo, _hi, efficiency_core, ...}}
+    ("batch_timings", "TEXT"),
 )
 COLUMN_NAMES: tuple[str, ...] = tuple(name for name, _ in COLUMNS)
 JSON_COLUMNS: frozenset[str] = frozenset({"config", "report", "env", "per_class_ap"})

@@ -183,16 +183,18 @@ def paired_onnx_latency(
     timing: measure.Timing | None = None,
     threads: int | None = None,
     device: torch.device | str = "cpu",
+    batch: int = 1,
 ) -> dict[str, Any]:
     """``pruned`` against ``base`` on ONNX Runtime: both exported and checked into ``folder``,
     then ``core()`` timed in the same paired, interleaved rounds as PyTorch's
     (``measure.paired_times``) on ``threads`` intra-op threads (torch's count by default), on the
-    CUDA provider where ``device`` is a GPU and this ONNX Runtime has it, else the CPU's."""
+    CUDA provider where ``device`` is a GPU and this ONNX Runtime has it, else the CPU's; on
+    ``batch`` example images at once (the export's batch axis is dynamic: ``Detector.dynamic_batch``)."""
     threads, timing = threads or torch.get_num_threads(), timing or measure.Timing()
     checks = {name: export_onnx(model, Path(folder) / f"{name}.onnx") for name, model in
               (("base", base), ("pruned", pruned))}  # fmt: skip
     runners = {name: session(Path(folder) / f"{name}.onnx", threads, device) for name in checks}
-    x = pruned.example_input().detach().cpu().numpy()
+    x = pruned.example_input(batch).detach().cpu().numpy()
     base_ms, pruned_ms = measure.paired_times(
         lambda: runners["base"].run(None, {"images": x}),
         lambda: runners["pruned"].run(None, {"images": x}),

@@ -73,7 +73,7 @@ def network_settings(model: nn.Module) -> dict[str, Any]:
 
 # keys added to a settings table after ID_SCHEME 2 began, at the value that reproduces what every
 # earlier row did: left out of a cell's identity there, so adding them moved no stored row's id
-NEUTRAL = {"measure": {"runtimes": ["torch"], "halfwidth": 0.0, "max_seconds": 120.0}}
+NEUTRAL = {"measure": {"runtimes": ["torch"], "halfwidth": 0.0, "max_seconds": 120.0, "batch_sizes": [1]}}
 
 
 def without_neutral(table: str, values: dict[str, Any]) -> dict[str, Any]:

@@ -125,15 +125,16 @@ def speedup(
 
 @torch.inference_mode()
 def paired_latency(
-    base: Detector, pruned: Detector, image: Tensor | None, timing: Timing = Timing()
+    base: Detector, pruned: Detector, image: Tensor | None, timing: Timing = Timing(), batch: int = 1
 ) -> dict[str, float]:
     """``pruned`` timed against ``base`` (``core`` on the fixed-size example, ``predict`` on one
     real image, batch 1): its own medians, the base's, and the speed-ups with their intervals.
     Both in their deployed form (``Detector.deployed``). Without ``image``, ``core`` alone (a
-    speed-only row: ``predict``'s time on untrained weights is their boxes', not the network's)."""
+    speed-only row: ``predict``'s time on untrained weights is their boxes', not the network's).
+    ``batch``: ``core`` on that many example images at once (``predict`` is timed at batch 1)."""
     base, pruned = base.eval().deployed(), pruned.eval().deployed()
     device = next(pruned.parameters()).device
-    x = pruned.example_input()
+    x = pruned.example_input(batch)
     out: dict[str, float] = {}
     calls = {"core": (lambda: base.core(x), lambda: pruned.core(x))}
     if image is not None:

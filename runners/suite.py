@@ -117,12 +117,17 @@ class Cell:
 
     def _measure_identity(self) -> dict[str, Any]:
         """How the row is measured, as far as it moves the row: a base row is timed alone, on
-        PyTorch only, for ``rounds`` (``runtimes`` and the pairs' ``halfwidth`` are not its); a key
+        PyTorch only, at batch 1, for ``rounds`` (``runtimes``, ``batch_sizes`` and the pairs'
+        ``halfwidth`` are not its); a key
         at its neutral value is left out."""
         measure = identity.without_neutral("measure", self.measure)
         if self.method != "base":
             return measure
-        return {k: v for k, v in measure.items() if k not in ("runtimes", "halfwidth", "max_seconds")}
+        return {
+            k: v
+            for k, v in measure.items()
+            if k not in ("runtimes", "halfwidth", "max_seconds", "batch_sizes")
+        }
 
     def config(self) -> dict[str, Any]:
         """The cell's resolved configuration: what its row was computed with."""

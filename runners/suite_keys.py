@@ -28,7 +28,11 @@ SUITE_KEYS = set(
 # "onnxruntime" (the deploy extra) also both exported, checked and timed on ONNX Runtime's CPU
 # halfwidth: more paired rounds until the speed-up's 95% interval is within this share of it
 # either side (0: exactly ``rounds``), for at most max_seconds per pair (measure.Timing)
-MEASURE_DEFAULTS = {"warmup": 3, "rounds": 20, "runtimes": ["torch"], "halfwidth": 0.0, "max_seconds": 120.0}
+# batch_sizes: core() also timed on batches of these sizes (batch 1, the table's columns, always)
+MEASURE_DEFAULTS = {
+    "warmup": 3, "rounds": 20, "runtimes": ["torch"], "halfwidth": 0.0, "max_seconds": 120.0,
+    "batch_sizes": [1],
+}  # fmt: skip
 RUNTIMES = ("torch", "onnxruntime")
 EVALUATE_DEFAULTS = {"batch_size": 16}
 EXPERIMENT_KEYS = {
@@ -160,6 +164,17 @@ def checked_table(raw: dict[str, Any], key: str, defaults: dict[str, Any], where
             raise SuiteError(f"{where}: [prune] {name} must be {_PRUNE_NEEDS[name]}, not {value!r}")
         if key == "measure" and name == "runtimes":
             checked_runtimes(value, f"{where}: [measure] runtimes")
+        elif key == "measure" and name == "batch_sizes":
+            if not (
+                isinstance(value, list)
+                and value
+                and all(map(_alignment, value))
+                and len(set(value)) == len(value)
+            ):
+                raise SuiteError(
+                    f"{where}: [measure] batch_sizes must be a list of distinct whole numbers >= 1, "
+                    f"not {value!r}"
+                )
         elif key == "measure" and name in _MEASURE_CHECKS:
             if (
                 isinstance(value, bool)

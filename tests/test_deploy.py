@@ -132,6 +132,10 @@ def test_paired_onnx_latency_times_both_models_on_onnxruntime(tmp_path: Path) ->
         timing["base_ort_core_ms_median"] / timing["ort_core_ms_median"]
     )
     assert 0 <= timing["export_max_abs_diff"] <= 1e-3
+    # a batch of 4 at once: four times the work per call, so more time per call than batch 1
+    four = deploy.paired_onnx_latency(base, pruned, tmp_path, Timing(warmup=1, rounds=6), threads=1, batch=4)
+    assert four["base_ort_core_ms_median"] > timing["base_ort_core_ms_median"]
+    assert four["speedup_ort_lo"] <= four["speedup_ort"] <= four["speedup_ort_hi"]
 
 
 # -- measure.runtimes: a suite's pruned rows timed on ONNX Runtime too -----------------------------

@@ -54,7 +54,7 @@ def make_row(cell_id: str = "c1", **over: object) -> dict:
 
 def test_schema_is_defined_once() -> None:
     names = [n for n, _ in COLUMNS]
-    assert names[0] == "cell_id" and len(names) == len(set(names)) == 80
+    assert names[0] == "cell_id" and len(names) == len(set(names)) == 81
     assert {t for _, t in COLUMNS} == {"TEXT", "REAL", "INTEGER"}
 
 

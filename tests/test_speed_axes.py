@@ -4,6 +4,7 @@ untrained weights."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -79,11 +80,17 @@ def test_an_experiment_may_give_its_own_alignments(tmp_path: Path) -> None:
         load_suite(path)
 
 
-def test_halfwidth_and_its_cap_are_checked_and_move_only_pruned_ids(tmp_path: Path) -> None:
+def test_halfwidth_its_cap_and_batch_sizes_are_checked_and_move_only_pruned_ids(tmp_path: Path) -> None:
     plain = load_suite(_suite(tmp_path)).cells()
-    narrow = load_suite(_suite(tmp_path, measure="halfwidth = 0.02\nmax_seconds = 30\n")).cells()
-    moved = {c.method for c, d in zip(plain, narrow, strict=True) if c.cell_id != d.cell_id}
-    assert moved == {"l1", "random"}  # a base row is timed alone: the pairs' keys are not its
+    ids = [c.cell_id for c in plain]
+    assert [c.cell_id for c in load_suite(_suite(tmp_path, measure="batch_sizes = [1]\n")).cells()] == ids
+    for measure in ("halfwidth = 0.02\nmax_seconds = 30\n", "batch_sizes = [1, 8]\n"):
+        changed = load_suite(_suite(tmp_path, measure=measure)).cells()
+        moved = {c.method for c, d in zip(plain, changed, strict=True) if c.cell_id != d.cell_id}
+        assert moved == {"l1", "random"}  # a base row is timed alone: the pairs' keys are not its
+    for bad in ("[]", "[8, 8]", "[0]", "8", "[2.5]"):
+        with pytest.raises(SuiteError, match="batch_sizes must be a list of distinct whole numbers >= 1"):
+            load_suite(_suite(tmp_path, measure=f"batch_sizes = {bad}\n"))
     for bad, needs in (("halfwidth = 1", "\\[0, 1\\)"), ("halfwidth = -0.1", "\\[0, 1\\)"),
                        ("max_seconds = 0", "> 0"), ("halfwidth = true", "\\[0, 1\\)")):  # fmt: skip
         with pytest.raises(SuiteError, match=f"must be a number.*{needs}"):
@@ -91,7 +98,8 @@ def test_halfwidth_and_its_cap_are_checked_and_move_only_pruned_ids(tmp_path: Pa
 
 
 def test_a_speed_only_suite_on_untrained_weights_times_each_alignment(tmp_path: Path) -> None:
-    path = _suite(tmp_path, "round_to = [1, 2]\n", "halfwidth = 0.5\nmax_seconds = 5\n", train_epochs=0)
+    measure = "halfwidth = 0.5\nmax_seconds = 5\nbatch_sizes = [1, 4]\n"
+    path = _suite(tmp_path, "round_to = [1, 2]\n", measure, train_epochs=0)
     path.write_text(path.read_text().replace("[finetune]\nepochs = 1", "[finetune]\nepochs = 0"))
     suite = load_suite(path)
     assert all(c.speed_only for c in suite.cells())
@@ -111,4 +119,11 @@ def test_a_speed_only_suite_on_untrained_weights_times_each_alignment(tmp_path: 
     assert len(order) == 3 and np.argsort([table.index(m) for m in order]).tolist() == [0, 1, 2]
     out = tmp_path / "r" / "tiny"
     assert (out / "synthetic-coco_speedup_vs_gmacs.png").read_bytes()[:4] == b"\x89PNG"
+    # measure.batch_sizes: each pruned row timed at batch 4 too, paired as at batch 1
+    for text in pruned["batch_timings"]:
+        at_four = json.loads(text)["4"]
+        assert at_four["speedup_core_lo"] <= at_four["speedup_core"] <= at_four["speedup_core_hi"]
+        assert at_four["timing_rounds"] >= 2 and at_four["efficiency_core"] > 0
+    batches = (out / "synthetic-coco_batches.md").read_text()
+    assert batches.count("| l1 (round_to 2) ") == 2  # batch 1 and batch 4
     assert not (out / "synthetic-coco_map_vs_pr.png").exists()  # no mAP to plot
