@@ -14,7 +14,9 @@ from .checkpoints import (
     load_checkpoint,
     load_weights,
     load_weights_file,
+    native_state,
     read_state_dict,
+    read_weights,
     save_checkpoint,
 )
 
@@ -29,6 +31,8 @@ __all__ = [
     "load_checkpoint",
     "load_weights",
     "load_weights_file",
+    "native_state",
     "read_state_dict",
+    "read_weights",
     "save_checkpoint",
 ]

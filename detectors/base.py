@@ -61,6 +61,12 @@ class Detector(nn.Module):
         """Images in the sample format -> the batch tensor ``core`` consumes."""
         raise TypeError(f"{type(self).__name__} does not define preprocess()")
 
+    def input_offsets(self, images: list[Tensor]) -> list[tuple[float, float]]:
+        """Where each image's top-left pixel lands in ``preprocess``'s tensor, ``(x, y)``: the
+        origin for every detector that resizes into the top-left corner; a centred letterbox
+        (Ultralytics' pipeline) says its padding here, so box mappings (LDT's) stay exact."""
+        return [(0.0, 0.0)] * len(images)
+
     @property
     def neck(self) -> nn.Module:
         """The module whose output is the per-scale feature maps right before the head (LDT reads

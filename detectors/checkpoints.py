@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from results.files import checksum_problem, write_with_checksum
 
+from . import ultralytics_files, yolov7_files
 from .base import Detector, DetectorError, build_detector, detector_names, layer_widths
 
 
@@ -119,27 +120,67 @@ def _likeliest(state: dict[str, Tensor], spec: dict[str, Any]) -> str | None:
     return best if score > 0.5 else None
 
 
-def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """The ``state_dict`` in a weights file as PyTorch users save them: a plain ``state_dict``
-    (torchvision's published files), or a checkpoint dict holding one under ``state_dict`` or
-    ``model`` (torchvision's reference scripts). Read with ``weights_only``: no code runs."""
+def read_weights(path: Path, trust: bool = False) -> tuple[dict[str, Tensor], list[str] | None]:
+    """The ``state_dict`` in a weights file as PyTorch users save them, and its class names where
+    the file has them: a plain ``state_dict`` (torchvision's published files, one in Ultralytics'
+    names), a checkpoint dict holding one under ``state_dict`` or ``model`` (torchvision's
+    reference scripts), read with ``weights_only`` (no code runs); or, only with ``trust``, an
+    Ultralytics training checkpoint (``best.pt``: pickled classes, ``ultralytics_files``)."""
     path = Path(path)
     if not path.is_file():
         raise DetectorError(f"weights file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever torch says of a file that is no state_dict
+        if ultralytics_files.is_ultralytics_pickle(exc):
+            return ultralytics_files.read_checkpoint(path, trust)
+        if yolov7_files.is_official_pickle(exc):  # only yolov7's own code unpickles it
+            raise DetectorError(
+                f"{path} is a pickled WongKinYiu/yolov7 checkpoint; save its state_dict in that "
+                f"repository and give that file: {yolov7_files.SAVE_STATE_DICT}"
+            ) from None
         raise DetectorError(f"{path}: not a PyTorch weights file ({type(exc).__name__})") from None
     if isinstance(state, dict):
         state = next((state[k] for k in ("state_dict", "model") if isinstance(state.get(k), dict)), state)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise DetectorError(f"{path}: holds a {type(state).__name__} that is not a state_dict of tensors")
-    return state
+    return state, None
 
 
-def load_weights_file(model: Detector, path: Path) -> None:
-    """``load_weights`` from a file as ``read_state_dict`` reads it."""
-    load_weights(model, read_state_dict(path), path)
+def read_state_dict(path: Path, trust: bool = False) -> dict[str, Tensor]:
+    """``read_weights`` without the class names."""
+    return read_weights(path, trust)[0]
+
+
+def native_state(name: str, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``state`` in detector ``name``'s own tensor names, and what the file says of the build
+    where it came in another tool's names (Ultralytics' YOLOv8, the official YOLOv7): ``size``,
+    ``num_classes`` and the detector ``options`` it implies (YOLOv7's anchors, YOLOv8's Ultralytics
+    pipeline); a file already in detprune's names comes back as it is, with nothing said."""
+    if name == "yolov8" and ultralytics_files.is_ultralytics_yolov8(state):
+        return ultralytics_files.from_ultralytics(state)
+    if name == "yolov7" and yolov7_files.official_size(state):
+        return yolov7_files.from_official(state)
+    return state, {}
+
+
+def load_weights_file(model: Detector, path: Path, trust: bool = False) -> None:
+    """``load_weights`` from a file as ``read_weights`` reads it, in the model's own names; a
+    file in another tool's names must be of the model's size (and YOLOv7's, of its anchors)."""
+    spec = model.spec
+    state, found = native_state(spec["name"], read_state_dict(path, trust))
+    size = found.get("size")
+    if size is not None and size != spec["size"] and not (size == "n" and spec["size"] == "tiny"):
+        raise DetectorError(
+            f"{path} holds a {spec['name']}-{size}; the model to load it into is size '{spec['size']}'"
+        )
+    theirs = torch.tensor(found.get("options", {}).get("anchors", []), dtype=torch.float32)
+    if theirs.numel() and not torch.allclose(theirs, model.anchors.view(3, 6).cpu(), atol=1e-3):
+        raise DetectorError(
+            f"{path} carries its own anchors {theirs.tolist()}: give them as the detector option "
+            f"anchors (the model to load it into has {model.anchors.view(3, 6).tolist()})"
+        )
+    load_weights(model, state, path)
 
 
 def load_weights(model: Detector, state: dict[str, Tensor], source: Path | str) -> None:
@@ -155,7 +196,7 @@ def load_weights(model: Detector, state: dict[str, Tensor], source: Path | str) 
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
-        looks = _likeliest(state, spec)
+        looks = "yolov8" if ultralytics_files.is_ultralytics_yolov8(state) else _likeliest(state, spec)
         hint = (
             f"; it looks like a '{looks}' checkpoint (--detector {looks})"
             if looks and looks != spec["name"]

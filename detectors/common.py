@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import batched_nms, box_convert, box_iou
+from torchvision.ops import batched_nms, box_convert, box_iou, nms
 
 from .base import Detector, DetectorError
 
@@ -89,6 +89,35 @@ def letterbox(images: list[Tensor], size: int, pad: float = 0.0) -> tuple[Tensor
     return batch, scales
 
 
+def letterbox_centered(
+    images: list[Tensor], size: int, pad: float = PAD_VALUE
+) -> tuple[Tensor, list[tuple[float, float]], list[tuple[float, float]]]:
+    """Ultralytics' ``LetterBox(new_shape=size, auto=False)``: resize by ``r = min(size / H,
+    size / W)`` to ``round(W r) x round(H r)``, then pad both sides, the image centred (left and
+    top padding ``round(d / 2 - 0.1)`` of the ``d`` pixels to fill, as Ultralytics rounds them).
+    Returns the batch, each image's scale per axis ``(x, y)`` (the resized side over the original:
+    what Ultralytics' ``scale_boxes`` divides by) and its ``(left, top)`` offset in the batch."""
+    batch = images[0].new_full((len(images), 3, size, size), pad)
+    scales, offsets = [], []
+    for i, image in enumerate(images):
+        h, w = image.shape[-2:]
+        r = min(size / h, size / w)
+        nh, nw = max(round(h * r), 1), max(round(w * r), 1)
+        if (nh, nw) != (h, w):
+            image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+        left, top = round((size - nw) / 2 - 0.1), round((size - nh) / 2 - 0.1)
+        batch[i, :, top : top + nh, left : left + nw] = image
+        scales.append((nw / w, nh / h))
+        offsets.append((float(left), float(top)))
+    return batch, scales, offsets
+
+
+def xyxy(pair: float | tuple[float, float], like: Tensor) -> Tensor:
+    """A scale or offset, one value or ``(x, y)``, as the ``[4]`` factor of xyxy boxes."""
+    x, y = (pair, pair) if isinstance(pair, int | float) else pair
+    return like.new_tensor([x, y, x, y])
+
+
 def letterboxed_targets(
     targets: list[dict[str, Tensor]], scales: list[float], like: Tensor
 ) -> list[tuple[Tensor, Tensor]]:
@@ -102,10 +131,13 @@ def letterboxed_targets(
     return gts
 
 
-def unletterbox(boxes: Tensor, scale: float, image: Tensor) -> Tensor:
-    """The inverse of ``letterbox`` for xyxy boxes: back to ``image``'s pixels, clamped to it."""
+def unletterbox(
+    boxes: Tensor, scale: float | tuple[float, float], image: Tensor, offset: tuple[float, float] = (0.0, 0.0)
+) -> Tensor:
+    """The inverse of ``letterbox`` (or, with its per-axis scale and ``offset``,
+    ``letterbox_centered``) for xyxy boxes: back to ``image``'s pixels, clamped to it."""
     h, w = image.shape[-2:]
-    boxes = boxes / scale
+    boxes = (boxes - xyxy(offset, boxes)) / xyxy(scale, boxes)
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
     return boxes
@@ -119,15 +151,22 @@ def detections(
     scores: Tensor,
     labels: Tensor,
     image: Tensor,
-    scale: float,
+    scale: float | tuple[float, float],
     nms_thresh: float,
     detections_per_img: int,
+    offset: tuple[float, float] = (0.0, 0.0),
+    class_offset: float | None = None,
 ) -> dict[str, Tensor]:
     """One image's candidates (xyxy in letterboxed pixels, already over the score threshold) ->
     its detections: class-aware NMS at ``nms_thresh``, the best ``detections_per_img``, boxes in
-    the image's own pixels."""
-    keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
-    return {"boxes": unletterbox(boxes[keep], scale, image), "scores": scores[keep], "labels": labels[keep]}
+    the image's own pixels (``offset``: where a centred letterbox put the image; ``class_offset``:
+    Ultralytics' NMS, whose ties break as its own do, instead of torchvision's ``batched_nms``)."""
+    if class_offset is None:
+        keep = batched_nms(boxes, scores, labels, nms_thresh)[:detections_per_img]
+    else:  # Ultralytics' way: each class's boxes moved apart by a fixed offset, then one NMS
+        keep = nms(boxes + labels[:, None].to(boxes) * class_offset, scores, nms_thresh)[:detections_per_img]
+    boxes = unletterbox(boxes[keep], scale, image, offset)
+    return {"boxes": boxes, "scores": scores[keep], "labels": labels[keep]}
 
 
 def best_class_detections(

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
-from .base import Detector, register
+from .base import Detector, DetectorError, register
 from .common import (
     PAD_VALUE,
     ObjectnessDetector,
@@ -179,6 +179,7 @@ class YOLOv7(ObjectnessDetector):
         box_gain: float | None = None,
         obj_gain: float | None = None,
         cls_gain: float | None = None,
+        anchors: list[list[float]] | None = None,
         **postprocessing: float,
     ) -> None:
         super().__init__(num_classes, size, input_size, **postprocessing)
@@ -186,7 +187,10 @@ class YOLOv7(ObjectnessDetector):
         self.pan = Neck(size)
         self.head = IDetect(num_classes, size, (64, 128, 256) if size == "tiny" else (128, 256, 512))
         self.strides = (8, 16, 32)
-        anchors = ANCHORS_TINY if size == "tiny" else ANCHORS_BASE
+        # the yaml's anchors, or a checkpoint's own (auto-anchored ones; ``yolov7_files``)
+        anchors = anchors or (ANCHORS_TINY if size == "tiny" else ANCHORS_BASE)
+        if torch.tensor(anchors).numel() != 18:
+            raise DetectorError(f"yolov7 anchors: 3 levels of 3 (w, h) pairs in pixels, got {anchors!r}")
         self.register_buffer("anchors", torch.tensor(anchors).float().view(3, 3, 2), persistent=False)
         self.anchor_t, self.candidate_k = anchor_t, candidate_k
         # hyp.scratch.tiny / hyp.scratch.p5 gains, scaled by train.py's rules (nl = 3 levels)

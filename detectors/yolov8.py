@@ -56,8 +56,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Detector, register
-from .common import PAD_VALUE, BaseConv, LetterboxDetector, detections, integral, letterbox
+from .base import Detector, DetectorError, register
+from .common import (
+    PAD_VALUE,
+    BaseConv,
+    LetterboxDetector,
+    detections,
+    integral,
+    letterbox,
+    letterbox_centered,
+    xyxy,
+)
 from .yolov8_blocks import SPPF, C2f
 from .yolov8_loss import task_aligned_assign, yolov8_loss
 
@@ -65,10 +74,13 @@ SIZES: dict[str, dict[str, float]] = {
     "n": {"depth": 0.33, "width": 0.25, "max_channels": 1024},
     "s": {"depth": 0.33, "width": 0.50, "max_channels": 1024},
     "m": {"depth": 0.67, "width": 0.75, "max_channels": 768},
+    "l": {"depth": 1.00, "width": 1.00, "max_channels": 512},
+    "x": {"depth": 1.00, "width": 1.25, "max_channels": 512},
     # the harness's CPU-trainable size: YOLOv8-n proper
     "tiny": {"depth": 0.33, "width": 0.25, "max_channels": 1024},
 }
 REG_MAX = 16
+ULTRALYTICS_MAX_WH = 7680  # Ultralytics' NMS: each class's boxes moved this far from the others
 
 
 def make_divisible(x: float, divisor: int = 8) -> int:
@@ -182,6 +194,10 @@ class YOLOv8(LetterboxDetector):
 
     family, sizes = "yolov8", SIZES
     postprocessing = {"score_thresh": 0.05, "nms_thresh": 0.7, "detections_per_img": 300}
+    # pipeline "ultralytics": Ultralytics' validator's pre- and post-processing (centred
+    # LetterBox; conf 0.001 unless score_thresh says otherwise), so an unpruned model's
+    # predictions are the ones `yolo val` scores
+    PIPELINES = ("detprune", "ultralytics")
 
     def __init__(
         self,
@@ -192,9 +208,15 @@ class YOLOv8(LetterboxDetector):
         topk: int = 10,
         alpha: float = 0.5,
         beta: float = 6.0,
+        pipeline: str = "detprune",
         **postprocessing: float,
     ) -> None:
+        if pipeline not in self.PIPELINES:
+            raise DetectorError(f"unknown yolov8 pipeline '{pipeline}'; known: {', '.join(self.PIPELINES)}")
+        if pipeline == "ultralytics":
+            postprocessing = {"score_thresh": 0.001, **postprocessing}
         super().__init__(num_classes, size, input_size, **postprocessing)
+        self.pipeline = pipeline
         cfg = SIZES[size]
         depth, width, max_ch = cfg["depth"], cfg["width"], cfg["max_channels"]
         widths = tuple(make_divisible(min(c, max_ch) * width) for c in (64, 128, 256, 512, 1024))
@@ -224,6 +246,30 @@ class YOLOv8(LetterboxDetector):
     def prune_ignored(self) -> list[nn.Module]:
         return [*self.head.cls_preds, *self.head.box_preds]
 
+    def _letterbox(self, images: list[Tensor]) -> tuple[Tensor, list, list[tuple[float, float]]]:
+        """The batch ``core`` takes, each image's scale (one, or per axis) and its offset in the
+        batch's pixels."""
+        if self.pipeline == "ultralytics":
+            return letterbox_centered(images, self.input_size, PAD_VALUE)
+        x, scales = letterbox(images, self.input_size, PAD_VALUE)
+        return x, scales, [(0.0, 0.0)] * len(images)
+
+    def preprocess(self, images: list[Tensor]) -> Tensor:
+        return self._letterbox(images)[0]
+
+    def input_offsets(self, images: list[Tensor]) -> list[tuple[float, float]]:
+        return self._letterbox(images)[2] if self.pipeline == "ultralytics" else super().input_offsets(images)
+
+    def ultralytics_output(self, x: Tensor) -> Tensor:
+        """What Ultralytics' ``Detect`` returns in inference (and ``yolo export format=onnx``
+        writes): ``[B, 4 + C, A]``, each location's box as centre x, centre y, width, height in
+        the input's pixels, then its sigmoid class scores."""
+        cls_logits, dist_logits = self.core(x)
+        points, strides = self._grid(x)
+        boxes = decode(dist_logits, points, strides)
+        xywh = torch.cat([(boxes[..., :2] + boxes[..., 2:]) / 2, boxes[..., 2:] - boxes[..., :2]], dim=-1)
+        return torch.cat([xywh, cls_logits.sigmoid()], dim=-1).transpose(1, 2)
+
     def _grid(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return anchor_points(x.shape[-2], x.shape[-1], self.strides, x.device)
 
@@ -231,11 +277,11 @@ class YOLOv8(LetterboxDetector):
 
     def loss(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """``{"box": 7.5 CIoU, "cls": 0.5 BCE, "dfl": 1.5 DFL}``, each over the target-score sum."""
-        x, scales = letterbox(images, self.input_size, PAD_VALUE)
+        x, scales, offsets = self._letterbox(images)
         cls_logits, dist_logits = self.core(x)
         points, strides = self._grid(x)
         pred_boxes = decode(dist_logits, points, strides)
-        gt_boxes, gt_labels, gt_mask = self._pad_targets(targets, scales, x)
+        gt_boxes, gt_labels, gt_mask = self._pad_targets(targets, scales, offsets, x)
         _, target_boxes, target_scores, fg, _ = task_aligned_assign(
             cls_logits.detach().sigmoid(),
             pred_boxes.detach(),
@@ -253,13 +299,13 @@ class YOLOv8(LetterboxDetector):
 
     @staticmethod
     def _pad_targets(
-        targets: list[dict[str, Tensor]], scales: list[float], x: Tensor
+        targets: list[dict[str, Tensor]], scales: list, offsets: list[tuple[float, float]], x: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Boxes in letterboxed pixels, padded to the batch's largest count, and the real-box mask
         (degenerate boxes are dropped: they contain no anchor point)."""
         kept = []
-        for target, scale in zip(targets, scales, strict=True):
-            boxes = target["boxes"].to(x) * scale
+        for target, scale, offset in zip(targets, scales, offsets, strict=True):
+            boxes = target["boxes"].to(x) * xyxy(scale, x) + xyxy(offset, x)
             valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             kept.append((boxes[valid], target["labels"].to(x.device)[valid]))
         most = max(len(b) for b, _ in kept)
@@ -277,22 +323,34 @@ class YOLOv8(LetterboxDetector):
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Every (location, class) with sigmoid score over the threshold is a candidate (at most
         ``max_candidates``, best first); class-aware NMS; the top detections, boxes mapped back to
-        each image's pixels and clamped to it. Leaves the model in eval mode."""
+        each image's pixels and clamped to it. The Ultralytics pipeline keeps Ultralytics' order
+        (location-major, sorted only when over ``max_candidates``) and its NMS, so that tied
+        scores break as they do there. Leaves the model in eval mode."""
+        ultralytics = self.pipeline == "ultralytics"
         self.eval()
-        x, scales = letterbox(images, self.input_size, PAD_VALUE)
+        x, scales, offsets = self._letterbox(images)
         cls_logits, dist_logits = self.core(x)
         points, strides = self._grid(x)
         boxes = decode(dist_logits, points, strides)
         scores = cls_logits.sigmoid()
         results = []
-        for b, (image, scale) in enumerate(zip(images, scales, strict=True)):
+        for b, (image, scale, offset) in enumerate(zip(images, scales, offsets, strict=True)):
             anchor, label = (scores[b] > self.score_thresh).nonzero(as_tuple=True)
             score = scores[b, anchor, label]
-            order = score.argsort(descending=True)[: self.max_candidates]
-            anchor, label, score = anchor[order], label[order], score[order]
+            if not ultralytics or len(score) > self.max_candidates:
+                order = score.argsort(descending=True)[: self.max_candidates]
+                anchor, label, score = anchor[order], label[order], score[order]
             results.append(
                 detections(
-                    boxes[b, anchor], score, label, image, scale, self.nms_thresh, self.detections_per_img
+                    boxes[b, anchor],
+                    score,
+                    label,
+                    image,
+                    scale,
+                    self.nms_thresh,
+                    self.detections_per_img,
+                    offset,
+                    ULTRALYTICS_MAX_WH if ultralytics else None,
                 )
             )
         return results

@@ -157,8 +157,9 @@ class LDT(Method):
         targets: Sequence[dict[str, Tensor]],
         tensor_hw: Sequence[int],
         counter: dict[str, int],
+        model: Detector,
     ) -> Instances:
-        inst, dropped = map_instances(images, targets, tensor_hw)
+        inst, dropped = map_instances(images, targets, tensor_hw, model.input_offsets(list(images)))
         counter["batches"] += 1
         counter["dropped_boxes"] += dropped
         counter["instances"] += int(inst.y.numel())
@@ -185,7 +186,7 @@ class LDT(Method):
         images = list(images)
         maps = neck if neck else self._recomputed_maps(model, images)
         counter = self.counters["train"]
-        inst = self._instances(images, targets, self._tensor_hw(model, images), counter)
+        inst = self._instances(images, targets, self._tensor_hw(model, images), counter, model)
         y = inst.y
         o = self.options
         ld: Tensor | None = None
@@ -244,7 +245,7 @@ class LDT(Method):
                 outs.clear()
                 model.core(x)
                 maps = neck_maps(outs[0])
-                inst = self._instances(images, targets, x.shape[-2:], counter)
+                inst = self._instances(images, targets, x.shape[-2:], counter, model)
                 strides = self._strides(model, maps)
                 feats = feats or [[] for _ in maps]
                 for s, (feat, stride) in enumerate(zip(maps, strides, strict=True)):
@@ -330,7 +331,7 @@ class LDT(Method):
                         objectives["det"] = sum(model.loss(images, targets).values())
                     else:
                         model.core(model.preprocess(images))
-                    inst = self._instances(images, targets, tensor_hw, counter)
+                    inst = self._instances(images, targets, tensor_hw, counter, model)
                     if utility == "discriminant":
                         objectives["D"] = self._objective(model, neck_maps(outs[-1]), inst)
                 main = objectives["D" if utility == "discriminant" else "det"]

@@ -332,7 +332,7 @@ class Instances:
 
     boxes: list[Tensor]  # per image, [K_b, 4] xyxy
     labels: list[Tensor]  # per image, [K_b]
-    extents: list[tuple[float, float]]  # per image, (h, w) of the resized image inside the tensor
+    extents: list[tuple[float, float]]  # per image, the resized image's bottom and right edges in the tensor
     tensor_hw: tuple[int, int]
 
     @property
@@ -365,18 +365,24 @@ class Instances:
 
 
 def map_instances(
-    images: Sequence[Tensor], targets: Sequence[dict[str, Tensor]], tensor_hw: Sequence[int]
+    images: Sequence[Tensor],
+    targets: Sequence[dict[str, Tensor]],
+    tensor_hw: Sequence[int],
+    offsets: Sequence[tuple[float, float]] | None = None,
 ) -> tuple[Instances, int]:
     """Targets (each image's own pixels) -> boxes in the preprocessed tensor's pixels.
 
     Each image is scaled by ``min(T_h / H, T_w / W)``: exact for an aspect-preserving resize
     whose limiting side is not padded (torchvision's transform with ``min_size = max_size``,
-    a size divisible by 32). Boxes that lie outside the image, are inverted or not finite are
-    dropped; returns the instances and how many boxes were dropped.
+    a size divisible by 32), then shifted by its ``offsets`` ``(x, y)`` where a centred
+    letterbox placed it (``Detector.input_offsets``; none: the top-left corner). Boxes that lie
+    outside the image, are inverted or not finite are dropped; returns the instances and how
+    many boxes were dropped.
     """
     th, tw = int(tensor_hw[0]), int(tensor_hw[1])
     boxes, labels, extents, dropped = [], [], [], 0
-    for image, target in zip(images, targets, strict=True):
+    offsets = offsets if offsets is not None else [(0.0, 0.0)] * len(images)
+    for image, target, (dx, dy) in zip(images, targets, offsets, strict=True):
         h, w = image.shape[-2:]
         scale = min(th / h, tw / w)
         b = target["boxes"].detach().to(torch.float32).reshape(-1, 4)
@@ -390,7 +396,7 @@ def map_instances(
             & (b[:, 3] > 0)
         )
         dropped += int((~keep).sum())
-        boxes.append(b[keep] * scale)
+        boxes.append(b[keep] * scale + b.new_tensor([dx, dy, dx, dy]))
         labels.append(target["labels"][keep])
-        extents.append((h * scale, w * scale))
+        extents.append((dy + h * scale, dx + w * scale))
     return Instances(boxes, labels, extents, (th, tw)), dropped

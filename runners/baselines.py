@@ -91,7 +91,7 @@ class Baselines:
             exp.detector, num_classes, size=exp.size, input_size=cell.input_size, **exp.detector_options
         )
         if exp.weights:  # trained from there only if train.epochs > 0
-            load_weights_file(model, weights_path(exp.weights))
+            load_weights_file(model, weights_path(exp.weights), trust=exp.trust)
         return model
 
     def _cached_or_trained(self, cell: Cell, path: Path) -> tuple[Detector, Path, dict[str, Any]]:

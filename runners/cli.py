@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
-import tempfile
-import tomllib
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from datasets import DatasetError, build_dataset, dataset_names
-from detectors import (
-    ChecksumError,
-    Detector,
-    DetectorError,
-    build_detector,
-    detector_names,
-    load_checkpoint,
-    load_weights,
-    read_state_dict,
-    save_checkpoint,
-)
-from methods import PRUNE_DEFAULTS, MethodError, Target, build_method, method_names
-from methods.engine.training import Schedule
+from datasets import DatasetError, dataset_names
+from detectors import DetectorError, detector_names
+from methods import MethodError, method_names
 from results import ResultStore, StoreError, compare, reference_store
 
-from . import deploy, faults, measure, provenance, verify
-from .evaluate import evaluate
+from . import deploy, faults, one_model, verify
 from .executors import Driver, executor_names, get_executor
 from .inputs import check_device
-from .prune import prune_and_finetune
 from .recompute import MODES, Recompute
 from .suite import SuiteError, load_suite, parse_override, suite_names
 from .tables import report_suite
@@ -131,121 +114,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_options(pairs: list[str]) -> dict[str, object]:
-    """``KEY=VALUE`` pairs; values are read as TOML literals (``32``, ``true``, ``"flops"``), else as text."""
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise MethodError(f"bad --option '{pair}': expected KEY=VALUE")
-        try:
-            options[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            options[key] = value
-    return options
-
-
-def _load_model(checkpoint: Path, args: argparse.Namespace, num_classes: int) -> Detector:
-    """A detprune checkpoint, or a plain ``state_dict`` of the named ``--detector`` (trained
-    elsewhere); one that does not fit is one line naming the first layer that does not."""
-    try:
-        return load_checkpoint(checkpoint)[0]
-    except ChecksumError:
-        raise
-    except DetectorError:
-        if not args.detector:
-            raise DetectorError(f"{checkpoint} is not a detprune checkpoint: name its --detector") from None
-    options = parse_options(args.detector_option)
-    model = build_detector(args.detector, num_classes, args.size, args.input_size, **options)
-    state = read_state_dict(checkpoint)
-    load_weights(model, state, checkpoint)
-    return model
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    target = Target.parse(args.target)
-    method = build_method(args.method, **parse_options(args.option))
-    train_set = build_dataset(args.data, "train", root=args.data_root)
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    model = _load_model(checkpoint, args, len(train_set.classes))
-    if args.detector and model.spec["name"] != args.detector:
-        raise DetectorError(f"{checkpoint} holds a '{model.spec['name']}' detector, not '{args.detector}'")
-    if model.spec["num_classes"] != len(train_set.classes):
-        raise DetectorError(
-            f"{checkpoint} predicts {model.spec['num_classes']} classes; {args.data} has "
-            f"{len(train_set.classes)} ({', '.join(train_set.classes[:5])}...)"
-        )
-    model.to(torch.device(check_device(args.device))).eval()
-    original = copy.deepcopy(model)
-    val_set = build_dataset(args.data, "val", root=args.data_root)
-    knobs = ("round_to", "max_layer_ratio", "tolerance", "calibration_images")
-    pruned = prune_and_finetune(
-        model,
-        method,
-        train_set,
-        target,
-        Schedule(epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr),
-        prune={k: getattr(args, k) for k in knobs},
-        seed=args.seed,
-        val_set=val_set,
-    )
-    report = pruned.report
-    device = torch.device(args.device)
-    made = provenance.provenance(device) | provenance.environment(device)
-    save_checkpoint(model, Path(args.out), {"prune_report": report.to_dict(), "provenance": made})
-    achieved = ", ".join(f"{k} -{v:.1%}" for k, v in report.achieved.items())
-    print(
-        f"pruned with {method.name} to {target}: {achieved}; "
-        f"{report.params_before / 1e6:.3f}M -> {report.params_after / 1e6:.3f}M params, "
-        f"{report.gmacs_before:.3f} -> {report.gmacs_after:.3f} GMACs; wrote {args.out}"
-    )
-    metric = "ap50" if getattr(val_set, "metric", "ap") == "ap50" else "map"
-    label = f"{'AP@0.5' if metric == 'ap50' else 'AP@[.5:.95]'} on the {args.data} validation split"
-    before = evaluate(original, val_set, progress=False)[metric]
-    after = evaluate(model, val_set, progress=False)[metric] if args.finetune_epochs > 0 else None
-    tuned = (
-        f"{100 * after:.1f} after {args.finetune_epochs} fine-tuning epochs"
-        if after is not None
-        else ("not fine-tuned (--finetune-epochs 0)")
-    )
-    print(f"{label}: {100 * before:.1f} before pruning, {100 * pruned.oneshot[metric]:.1f} one-shot, {tuned}")
-    timing = measure.paired_latency(original, model, val_set[0][0])
-    print(
-        f"core() speed-up against the checkpoint it started from: {timing['speedup_core']:.2f}x "
-        f"[95% CI {timing['speedup_core_lo']:.2f}, {timing['speedup_core_hi']:.2f}] "
-        f"({timing['base_core_ms_median']:.2f} -> {timing['core_ms_median']:.2f} ms, "
-        f"{torch.get_num_threads()} threads); GMACs ratio {report.gmacs_before / report.gmacs_after:.2f}x"
-    )
-    if deploy.available():  # the runtime an edge engineer deploys gives its own speed-up
-        with tempfile.TemporaryDirectory() as folder:
-            ort = deploy.paired_onnx_latency(original, model, Path(folder))
-        version = deploy.onnxruntime().__version__
-        print(
-            f"ONNX Runtime {version} (CPU) core() speed-up: {ort['speedup_ort']:.2f}x "
-            f"[95% CI {ort['speedup_ort_lo']:.2f}, {ort['speedup_ort_hi']:.2f}] "
-            f"({ort['base_ort_core_ms_median']:.2f} -> {ort['ort_core_ms_median']:.2f} ms); both exports "
-            f"match PyTorch (max abs difference {ort['export_max_abs_diff']:.2g})"
-        )
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    model, _ = load_checkpoint(Path(args.checkpoint))
-    out = Path(args.out)
-    check = deploy.export_onnx(model, out, atol=args.atol, rtol=args.rtol)
-    spec = model.spec
-    batch = "a dynamic batch axis" if model.dynamic_batch else "batch 1 (core() fixes it)"
-    print(
-        f"exported {spec['name']}-{spec['size']} core() at {spec['input_size']} px to {out}: input 'images', "
-        f"{check.outputs} outputs, {batch}; ONNX Runtime {deploy.onnxruntime().__version__} "
-        f"matches PyTorch (max abs difference {check.max_abs_diff:.2g}, "
-        f"tolerance {args.atol:g} + {args.rtol:g} x |torch|)"
-    )
-    return 0
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="detprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -305,47 +173,7 @@ def parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list methods, detectors, datasets and suites")
     lst.set_defaults(fn=cmd_list)
 
-    pr = sub.add_parser("prune", help="prune a trained detector once and save the pruned checkpoint")
-    pr.add_argument("--checkpoint", required=True)
-    pr.add_argument("--method", required=True)
-    pr.add_argument("--target", required=True, help="e.g. params:0.3, flops:0.4, channels:0.5")
-    pr.add_argument("--data", required=True, help=f"calibration dataset: one of {', '.join(dataset_names())}")
-    pr.add_argument("--data-root", default=None)
-    pr.add_argument("--out", required=True)
-    pr.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE", help="a method option; repeatable"
-    )
-    pr.add_argument("--detector", default=None, help="needed for a plain state_dict checkpoint")
-    pr.add_argument(
-        "--detector-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a detector option for a plain state_dict (e.g. coco_labels=true); repeatable",
-    )
-    pr.add_argument("--size", default=None, help="default: the detector's own (tiny; full for tv:*)")
-    pr.add_argument("--input-size", type=int, default=128)
-    pr.add_argument("--round-to", type=int, default=PRUNE_DEFAULTS["round_to"])
-    pr.add_argument("--max-layer-ratio", type=float, default=PRUNE_DEFAULTS["max_layer_ratio"])
-    pr.add_argument(
-        "--tolerance", type=float, default=PRUNE_DEFAULTS["tolerance"], help="budget band around the target"
-    )
-    pr.add_argument("--calibration-images", type=int, default=PRUNE_DEFAULTS["calibration_images"])
-    pr.add_argument("--finetune-epochs", type=int, default=0)
-    pr.add_argument("--batch-size", type=int, default=16)
-    pr.add_argument("--lr", type=float, default=0.01)
-    pr.add_argument("--seed", type=int, default=0)
-    pr.add_argument("--device", default="cpu")
-    pr.set_defaults(fn=cmd_prune)
-
-    ex = sub.add_parser(
-        "export", help="export a checkpoint's deployed core() to ONNX, checked on ONNX Runtime"
-    )
-    ex.add_argument("--checkpoint", required=True, help="a detprune checkpoint (detprune prune's output)")
-    ex.add_argument("--out", required=True, help="the .onnx file to write (only once it checks)")
-    ex.add_argument("--atol", type=float, default=deploy.ATOL, help="absolute tolerance of the check")
-    ex.add_argument("--rtol", type=float, default=deploy.RTOL, help="relative tolerance of the check")
-    ex.set_defaults(fn=cmd_export)
+    one_model.add_parsers(sub)
     return p
 
 

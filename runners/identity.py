@@ -66,7 +66,10 @@ def network_settings(model: nn.Module) -> dict[str, Any]:
     found = {}
     for name, module in model.named_modules():
         public = {k: _plain(v) for k, v in vars(module).items() if not k.startswith("_") and k != "training"}
-        settings = {k: v for k, v in public.items() if v is not _SKIP}
+        neutral = NEUTRAL_SETTINGS.get(type(module).__qualname__, {})
+        settings = {
+            k: v for k, v in public.items() if v is not _SKIP and (k not in neutral or v != neutral[k])
+        }
         found[name] = {"class": type(module).__qualname__, **settings}
     return found
 
@@ -74,6 +77,8 @@ def network_settings(model: nn.Module) -> dict[str, Any]:
 # keys added to a settings table after ID_SCHEME 2 began, at the value that reproduces what every
 # earlier row did: left out of a cell's identity there, so adding them moved no stored row's id
 NEUTRAL = {"measure": {"runtimes": ["torch"], "halfwidth": 0.0, "max_seconds": 120.0, "batch_sizes": [1]}}
+# the same for a module's settings (``network_settings``), by class: YOLOv8's pipeline came later
+NEUTRAL_SETTINGS = {"YOLOv8": {"pipeline": "detprune"}}
 
 
 def without_neutral(table: str, values: dict[str, Any]) -> dict[str, Any]:

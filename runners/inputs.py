@@ -88,7 +88,7 @@ def check_experiments(suite: Suite, datasets: Callable[[Experiment], Pair]) -> N
             raise SuiteError(f"{where}: {exc}") from None
         if exp.weights:  # the file exists and fits, before anything trains
             try:
-                load_weights_file(model, weights_path(exp.weights))
+                load_weights_file(model, weights_path(exp.weights), trust=exp.trust)
             except DetectorError as exc:
                 raise SuiteError(f"{where}: {exc}") from None
         divisor = model.size_divisor

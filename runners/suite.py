@@ -56,9 +56,13 @@ class Experiment:
     # a weights file the baseline starts from (torchvision's published COCO weights, say) instead
     # of the detector's random initialisation; ``$VARS`` expand; "" for none
     weights: str = ""
+    # read a pickled training checkpoint (Ultralytics' best.pt), which runs code from the file:
+    # the user's say-so, not a setting of the experiment (kept out of every id)
+    trust: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         found = dict(self.__dict__)
+        found.pop("trust")
         if not self.weights:  # the baseline keys of suites that name no weights stay as they were
             found.pop("weights")
         return found
@@ -343,6 +347,8 @@ def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None
             raise SuiteError(f"{path}: {exc}") from None
         if not isinstance(entry.get("weights", ""), str):
             raise SuiteError(f"{path}: experiment {i}: weights must be a file path, not {entry['weights']!r}")
+        if not isinstance(entry.get("trust", False), bool):
+            raise SuiteError(f"{path}: experiment {i}: trust must be true or false, not {entry['trust']!r}")
         experiment = Experiment(
             detector=entry["detector"],
             size=entry.get("size", default_size(str(entry["detector"]))),
@@ -350,6 +356,7 @@ def load_suite(name_or_path: str | Path, overrides: dict[str, Any] | None = None
             data=dict(entry.get("data", {})),
             detector_options=dict(entry.get("detector_options", {})),
             weights=str(entry.get("weights", "")),
+            trust=bool(entry.get("trust", False)),
         )
         plan_train = checked_schedule(
             {**train.to_dict(), **entry.get("train", {})}, f"{path}: experiment {i}"

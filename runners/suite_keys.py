@@ -47,6 +47,7 @@ EXPERIMENT_KEYS = {
     "finetune",
     "input_size",  # a single-level stride-32 detector (YOLOF) needs larger inputs than the rest
     "weights",  # a weights file the baseline starts from (torchvision's published ones)
+    "trust",  # true: weights may be a pickled training checkpoint (Ultralytics' best.pt)
     "round_to",  # this experiment's alignments, instead of [prune]'s (one axis per detector size)
 }
 

@@ -11,7 +11,8 @@ import torch
 from detectors import build_detector, load_checkpoint, save_checkpoint
 from results import ResultStore
 from runners import deploy
-from runners.cli import main, parse_options
+from runners.cli import main
+from runners.one_model import parse_options
 from tests.test_results import make_row
 
 

@@ -41,7 +41,7 @@ def test_layout_and_initialisation() -> None:
 
 
 def test_unknown_size_and_bad_input_size() -> None:
-    with pytest.raises(DetectorError, match="unknown size 'huge'; known: n, s, m, tiny"):
+    with pytest.raises(DetectorError, match="unknown size 'huge'; known: n, s, m, l, x, tiny"):
         build_detector("yolov8", 3, size="huge")
     with pytest.raises(DetectorError, match="divisible by 32"):
         build_detector("yolov8", 3, input_size=100)
