@@ -3,7 +3,7 @@
 One file per criterion beside ``engine/``, the machinery they share (``methods/engine``).
 """
 
-from . import chip, dcodp, groupfisher, hrank, l1, ldt, px, random  # noqa: F401  (registers the methods)
+from . import chip, dcodp, groupfisher, hrank, l1, ldt, px, random, slimming, thinet  # noqa: F401  (registers)
 from .engine import prune
 from .engine.base import Method, build_method, method_names, register
 from .engine.sizes import count_channels, count_gmacs, count_params

@@ -4,9 +4,10 @@ Inter-layer coupling: layers that consume the same parent form one group and los
 channel indices — torch-pruning's dependency group; the groups found are reported.
 Intra-layer coupling: ``CP_c = | ||O||_* - ||M_c ⊙ O||_* |`` on the flattened output O of the
 group's parent layer; a small CP means channel c is well expressed by the others (strongly
-coupled), so the lowest CP is pruned. Scores of all coupled layers are summed per index (the
-ablation ``parent_only`` scores from the parent alone). Local pruning, as in the paper, and the
-same Gram-matrix speed-up as CHIP.
+coupled), so the lowest CP is pruned. Scores of all coupled layers are summed per index
+(``coupling = "sum"``; the ablation ``coupling = "root"`` scores from the parent alone, the
+switch every per-layer criterion has). Local pruning, as in the paper, and the same Gram-matrix
+speed-up as CHIP.
 """
 
 from __future__ import annotations
@@ -30,10 +31,6 @@ def coupling_scores(feats: Tensor) -> Tensor:
 
 @register("dcodp")
 class DCODP(FeatureMapCriterion):
-    defaults = {"parent_only": False}
-
-    @property
-    def root_only(self) -> bool:  # the ablation: score from the parent layer alone
-        return bool(self.options["parent_only"])
+    defaults = {"coupling": "sum"}  # inter-layer coupling: the paper's; "root" is its ablation
 
     reducer = staticmethod(coupling_per_image)

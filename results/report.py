@@ -8,7 +8,6 @@ CSV files and the committed tables only change when a result does.
 from __future__ import annotations
 
 import json
-import math
 import re
 from functools import partial
 from pathlib import Path
@@ -20,7 +19,13 @@ from tabulate import tabulate
 from results.aggregate import ORT_FIGURES, summarise
 from results.aggregate import mark_within_spread as _marks
 from results.batches import write_batches
+from results.coupling import write_coupling
 from results.files import write_atomically, write_text
+from results.formats import MISSING
+from results.formats import fmt as _fmt
+from results.formats import ort_speedup as _ort_speedup
+from results.formats import speedup as _speedup
+from results.formats import stat as _stat
 from results.frame import normalised, ordered
 from results.per_class import write_per_class
 from results.plots import write_plots
@@ -34,7 +39,6 @@ HEADERS = (
 )  # fmt: skip
 _ACCURACY_HEADERS = ("mAP 1-shot", "mAP", "AP50", "vs best", "predict ms")  # absent from speed-only tables
 ORT_HEADERS = ("ORT ms", "ORT speed-up [95% CI]", "ORT eff.")  # where a suite times ONNX Runtime too
-MISSING = "-"
 FLAG = "⚠"  # a row whose training loss did not behave (see the footnote under the table)
 _METRIC_LABEL = {METRIC_COLUMNS[k]: v for k, v in METRIC_NAMES.items()}
 # The CSV: identity of the cell, then every number the store holds (plus GFLOPs).
@@ -61,36 +65,6 @@ def _metric_column(df: pd.DataFrame) -> str:
     if metric not in METRIC_NAMES:
         raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(METRIC_NAMES)}")
     return METRIC_COLUMNS[metric]
-
-
-def _fmt(value: float, digits: int, scale: float = 1.0) -> str:
-    return MISSING if math.isnan(value) else f"{value * scale:.{digits}f}"
-
-
-def _stat(r: Any, name: str, digits: int, scale: float = 1.0) -> str:
-    """The mean, with ``± std`` when several seeds disagree."""
-    mean, std = getattr(r, name), getattr(r, f"{name}_std")
-    if math.isnan(mean) or math.isnan(std) or round(std * scale, digits) == 0:
-        return _fmt(mean, digits, scale)
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
-
-
-def _speedup(r: Any) -> str:
-    """One seed: the speed-up and its interval over the paired rounds; several: mean ± std."""
-    if math.isnan(r.speedup_core):
-        return MISSING
-    if r.n > 1:
-        return _stat(r, "speedup_core", 2)
-    return f"{r.speedup_core:.2f} [{r.speedup_core_lo:.2f}, {r.speedup_core_hi:.2f}]"
-
-
-def _ort_speedup(r: Any) -> str:
-    """ONNX Runtime's speed-up as ``_speedup`` gives PyTorch's."""
-    if math.isnan(r.speedup_ort):
-        return MISSING
-    if r.n > 1:
-        return _stat(r, "speedup_ort", 2)
-    return f"{r.speedup_ort:.2f} [{r.speedup_ort_lo:.2f}, {r.speedup_ort_hi:.2f}]"
 
 
 def _method_name(r: Any) -> str:
@@ -388,5 +362,6 @@ def write_reports(
         written += write_plots(summary, sub, metric, f"{suite} / {dataset}", stem)
         written += write_per_class(ordered(sub), stem, suite, dataset)
         written += write_batches(ordered(sub), stem, suite, dataset)
+        written += write_coupling(sub, summary, metric, stem, suite, dataset)
         written += _write_coco_breakdown(sub, summary, stem, suite, dataset)
     return written

@@ -111,12 +111,29 @@ def resolved_dataset(name: str, options: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "options": resolved_options(name, options)}
 
 
+# method options added after ID scheme 2 began, at the value every earlier row ran with (left out),
+# and DCODP's coupling switch, which was its ``parent_only`` option then (spelled that way): so the
+# coupling switch moved no stored row's id
+NEUTRAL_OPTIONS = {"hrank": {"coupling": "root"}, "chip": {"coupling": "root"}}
+
+
+def _id_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    base = name.partition(":")[0]
+    if base == "dcodp":
+        options = {k: v for k, v in options.items() if k != "coupling"} | {
+            "parent_only": options["coupling"] == "root"
+        }
+    neutral = NEUTRAL_OPTIONS.get(base, {})
+    return {k: v for k, v in options.items() if k not in neutral or v != neutral[k]}
+
+
 def resolved_method(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The method's options over its defaults and the schedule it declares."""
+    """The method's options over its defaults (as ids spell them: ``_id_options``) and the
+    schedule it declares."""
     method = build_method(name, **options)
     return {
         "name": name,
-        "options": dict(method.options),
+        "options": _id_options(name, dict(method.options)),
         "scope": method.scope,
         "rounds": method.rounds,
         "channels_per_round": method.channels_per_round,

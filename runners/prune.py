@@ -75,7 +75,7 @@ def prune_and_finetune(
             train_set,
             finetune,
             seed=seed,
-            extra_loss=method.loss_hook(ctx),
+            extra_loss=method.loss_hook(ctx) if method.finetune_loss else None,
             hooks=(*method.regime_hooks(), faults.StageHook("finetune-step")),
             desc=desc,
             progress=progress,

@@ -121,13 +121,13 @@ def test_methods_meet_the_budget(method: str) -> None:
     pruned.predict([torch.rand(3, 64, 64)])
 
 
-def test_dcodp_groups_and_parent_only_ablation() -> None:
+def test_dcodp_groups_and_its_root_coupling_ablation() -> None:
     torch.manual_seed(0)
     model = build_detector("fcos", 3, "tiny", 64).eval()
     ctx = PruneContext(calibration=_calibration(n=2), round_to=1, progress=False)
     scored = {}
     for parent_only in (False, True):
-        method = build_method("dcodp", parent_only=parent_only)
+        method = build_method("dcodp", coupling="root" if parent_only else "sum")
         method.prepare(model, ctx)
         groups = {g.root: g for g in score_groups(model, method.importance(model, ctx))}
         scored[parent_only] = groups

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from methods import method_names
+from methods import build_method, method_names
 from runners.cli import main
 from runners.suite import SuiteError, load_suite, parse_override
 
@@ -141,11 +141,30 @@ def test_dcodp_suites_are_its_tables() -> None:
                 )
             )
             assert (options[score], options[nms]) == (0.001, 0.6)
-            assert set(plan.methods) == set(method_names())
+            # Slimming and ThiNet are DCODP's ablation (dcodp_ablation), not its Tables 1-3
+            assert set(plan.methods) == set(method_names()) - {"slimming", "thinet"}
     # Table 1 on the 07+12 protocol (tested on VOC2007), Table 2 on VOC2012's val
     protocols = sorted(p.experiment.data["protocol"] for p in voc.experiments)
     assert protocols == ["07+12"] * 3 + ["12"] * 3
     assert {p.experiment.dataset for p in coco.experiments} == {"coco"}
+
+
+def test_the_dcodp_ablation_runs_each_criterion_with_and_without_coupling() -> None:
+    for name, detectors in (
+        ("dcodp_ablation", {("yolov7", "base"), ("yolov8", "s")}),
+        ("dcodp_ablation_synthetic", {("yolov7", "tiny"), ("yolov8", "tiny")}),
+    ):
+        suite = load_suite(name)
+        assert {(p.experiment.detector, p.experiment.size) for p in suite.experiments} == detectors
+        couplings = {}
+        for plan in suite.experiments:
+            assert plan.targets == ["channels:0.2", "channels:0.5", "channels:0.7"]
+            for method in plan.methods:
+                built = build_method(method, **suite.method_options.get(method, {}))
+                couplings.setdefault(built.name, set()).add(built.options["coupling"])
+        assert couplings == {m: {"root", "sum"} for m in ("hrank", "slimming", "thinet", "dcodp")}
+        cells = suite.cells()
+        assert {c.regime for c in cells if c.method == "base"} == {"plain", "slimming"}
 
 
 def test_every_paper_suite_is_a_tox_environment() -> None:

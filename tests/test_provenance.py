@@ -82,7 +82,7 @@ def test_a_changed_default_changes_exactly_the_ids_it_affects(suite_path: Path, 
     assert len(before) == 6 and len(set(before.values())) == 6
 
     with monkeypatch.context() as m:  # a method's default: that method's cells only
-        m.setitem(DCODP.defaults, "parent_only", True)
+        m.setitem(DCODP.defaults, "coupling", "root")
         assert _changed(before, _ids(suite_path)) == {
             "fcos-tiny/synthetic-coco/dcodp params:0.3/s0",
             "yolox-tiny/synthetic-kitti/dcodp params:0.3/s0",
@@ -106,7 +106,8 @@ def test_a_changed_default_changes_exactly_the_ids_it_affects(suite_path: Path, 
 def test_a_row_records_the_resolved_configuration(suite_path: Path) -> None:
     cell = next(c for c in load_suite(suite_path).cells() if c.method == "dcodp")
     config = cell.config()
-    assert config["method_resolved"]["options"] == {"parent_only": False}  # the default, written out
+    # the default, written out (coupling "sum", spelled as DCODP's parent_only was: ids kept)
+    assert config["method_resolved"]["options"] == {"parent_only": False}
     assert config["prune"]["max_layer_ratio"] == 0.9 and config["finetune"]["flip"] == 0.5
 
 

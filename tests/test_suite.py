@@ -17,7 +17,11 @@ def test_readme_example_suite_loads(tmp_path: Path) -> None:
     path = tmp_path / "mysuite.toml"
     path.write_text(example)
     suite = load_suite(path)
-    assert suite.jobs == 2 and suite.prune["round_to"] == 8 and suite.method_options["dcodp"]["parent_only"]
+    assert (
+        suite.jobs == 2
+        and suite.prune["round_to"] == 8
+        and suite.method_options["dcodp"]["coupling"] == "root"
+    )
     methods = [c.method for c in suite.cells()]
     assert methods == ["base", "l1", "l1", "random", "random"]
 

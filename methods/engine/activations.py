@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from detectors.base import Detector
 
-from .base import Method
+from .base import CoupledCriterion
 from .groups import ACTIVATIONS, ChannelScores, fixed_layers, run_core_once
 from .types import PruneContext
 
@@ -35,8 +35,11 @@ def prunable_convs(model: Detector) -> dict[str, nn.Conv2d]:
 
 
 @torch.no_grad()
-def observation_points(model: Detector) -> dict[str, tuple[nn.Module, nn.Module | None]]:
-    """For each prunable conv: the module whose output to hook, and the activation to apply."""
+def observation_points(
+    model: Detector, norms: tuple[type[nn.Module], ...] = (nn.BatchNorm2d,)
+) -> dict[str, tuple[nn.Module, nn.Module | None]]:
+    """For each prunable conv: the module whose output to hook (the norm of a kind in ``norms``
+    that directly follows it, else the conv), and the activation to apply."""
     # (module, input, input version, output, output version); tensors kept alive so ids stay unique.
     # Versions tell "directly follows" from "follows after an in-place op" (BasicBlock's ``+=``).
     calls: list[tuple[nn.Module, Tensor, int, Tensor | None, int]] = []
@@ -51,7 +54,7 @@ def observation_points(model: Detector) -> dict[str, tuple[nn.Module, nn.Module 
 
     handles = []
     for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+        if isinstance(m, (nn.Conv2d, *norms)):
             handles.append(m.register_forward_hook(record_output))
         elif isinstance(m, ACTIVATIONS):
             handles.append(m.register_forward_pre_hook(record_input))
@@ -70,7 +73,7 @@ def observation_points(model: Detector) -> dict[str, tuple[nn.Module, nn.Module 
         if id(conv) not in outputs:
             continue  # not used by core()
         hooked: nn.Module = conv
-        bn = consumer_of(*outputs[id(conv)], (nn.BatchNorm2d,))
+        bn = consumer_of(*outputs[id(conv)], norms)
         if bn is not None:
             hooked = bn
         act = consumer_of(*outputs[id(hooked)], ACTIVATIONS)
@@ -126,15 +129,10 @@ def capture(
     return {name: s / images_seen for name, s in sums.items()}
 
 
-class FeatureMapCriterion(Method):
-    """A criterion on the captured maps: ``reducer`` gives per-image channel scores ``[N, C]``.
-
-    Single-layer criteria (HRank, CHIP) score a dependency group by its root layer
-    (``root_only``); DCODP sums every coupled layer's scores.
-    """
+class FeatureMapCriterion(CoupledCriterion):
+    """A criterion on the captured maps: ``reducer`` gives per-image channel scores ``[N, C]``."""
 
     scope = "local"
-    root_only: bool = True
 
     reducer: Reducer
 

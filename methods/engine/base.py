@@ -47,6 +47,12 @@ class Method(abc.ABC):
     rounds: int = 1
     channels_per_round: int | None = None
     train_iterations: int = 0
+    # whether ``train_loss`` also shapes fine-tuning (LDT's does); Slimming's sparsity penalty is
+    # its baseline's training only, as its paper fine-tunes without it
+    finetune_loss: ClassVar[bool] = True
+    # whether one scoring of a baseline may serve every target (``ctx.score_cache``); False for a
+    # method that keeps state from its own pass for ``after_removal`` (ThiNet's samples)
+    shares_scores: ClassVar[bool] = True
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.defaults))
@@ -91,6 +97,12 @@ class Method(abc.ABC):
         """The method's per-layer channel scores (by layer name) as ``ChannelScores``: the one
         reduction to a score per channel of each dependency group, shared by every method."""
 
+    def after_removal(  # noqa: B027  (optional: no-op)
+        self, model: Detector, ctx: PruneContext, kept: dict[str, dict[str, list[int]]]
+    ) -> None:
+        """Called after each round's removal with the channels every changed conv kept
+        (``groups.apply_removal``): ThiNet refits the layers it pruned. Nothing by default."""
+
     def training_hooks(self, model: Detector, ctx: PruneContext) -> list[TrainingHook]:
         """Hooks for the training before each round (``train_iterations`` > 0); none by default."""
         return []
@@ -100,6 +112,30 @@ class Method(abc.ABC):
     ) -> Tensor | None:
         """An extra (re)training loss; ``neck``: the maps of the pass that computed ``losses``."""
         return None
+
+
+COUPLINGS = ("root", "sum")
+
+
+class CoupledCriterion(Method):
+    """A per-layer criterion with DCODP's inter-layer coupling as a switch, ``coupling``:
+    ``"root"`` scores a dependency group by its root layer alone (what a single-layer criterion
+    such as HRank, CHIP or Slimming does in its paper), ``"sum"`` sums the scores of every coupled
+    layer at each index (DCODP's inter-layer coupling). The default is each method's own."""
+
+    defaults: ClassVar[dict[str, Any]] = {"coupling": "root"}
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.options["coupling"] not in COUPLINGS:
+            raise MethodError(
+                f"{self.name}: coupling must be one of {', '.join(COUPLINGS)}, "
+                f"not {self.options['coupling']!r}"
+            )
+
+    @property
+    def root_only(self) -> bool:
+        return self.options["coupling"] == "root"
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:

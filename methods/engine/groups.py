@@ -115,8 +115,10 @@ class ChannelScores(tp.importance.Importance):
     The one group reduction of every method (torch-pruning's ``Importance.__call__(group)``): the
     scores of the group's layers are summed at the group's indices, each layer once, in the
     group's order. ``layer_scores`` score a layer's output channels and count where the group
-    prunes them; ``input_scores`` (L1's consumer weights) score input channels and count where
-    the group prunes those. ``root_only``: the root layer alone, for single-layer criteria. A
+    prunes them; ``input_scores`` (L1's consumer weights, ThiNet's next-layer reconstruction)
+    score input channels and count where the group prunes those. ``root_only``: the root layer
+    alone, for single-layer criteria (and, of ``input_scores``, the group's first consumer: the
+    root's next layer). A
     group none of whose layers has a score returns ``None`` (never pruned) and is listed in
     ``unscored``. ``normalizer="mean"`` divides a group's scores by their mean (torch-pruning's
     default group normaliser), so that a global ranking compares each channel with its own
@@ -152,14 +154,16 @@ class ChannelScores(tp.importance.Importance):
         total = torch.zeros(len(group[0].idxs), dtype=self.dtype)
         found, seen = False, set()
         for i, item in enumerate(group):
-            if self.root_only and i > 0:
-                break
             if graph.is_out_channel_pruning_fn(item.dep.handler):
                 kind, scored = "out", self.layer_scores
             elif graph.is_in_channel_pruning_fn(item.dep.handler):
                 kind, scored = "in", self.input_scores
             else:
                 continue
+            if self.root_only and (
+                i > 0 and kind == "out" or kind == "in" and any(k == "in" for _, k in seen)
+            ):
+                continue  # the root's own scores, and its first scored consumer's
             name = self.names.get(item.dep.target.module)
             if name not in scored or (name, kind) in seen or any(r is None for r in item.root_idxs):
                 continue
@@ -264,11 +268,18 @@ def score_groups(model: Detector, importance: tp.importance.Importance) -> list[
     return groups
 
 
-def apply_removal(model: Detector, groups: list[GroupScores], counts: dict[str, int]) -> None:
-    """Remove the ``counts[root]`` lowest-scored channels of each group, in place, in group order."""
+def apply_removal(
+    model: Detector, groups: list[GroupScores], counts: dict[str, int]
+) -> dict[str, dict[str, list[int]]]:
+    """Remove the ``counts[root]`` lowest-scored channels of each group, in place, in group order.
+    Returns, for every conv that lost channels, the indices (as they were before this removal) of
+    the input and output channels it kept: ``{name: {"in": [...], "out": [...]}}``, what a method
+    that refits the layers it pruned (ThiNet) needs."""
     graph = dependency_graph(model)
     modules = dict(model.named_modules())
+    names = {m: n for n, m in modules.items()}
     norms = {m: m.num_channels // m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}
+    kept: dict[str, dict[str, list[int]]] = {}
     for g in groups:
         n = counts.get(g.root, 0)
         if n <= 0:
@@ -279,6 +290,20 @@ def apply_removal(model: Detector, groups: list[GroupScores], counts: dict[str, 
             )
         layer = modules[g.root]
         pruner = graph.get_pruner_of_module(layer)
-        graph.get_pruning_group(layer, pruner.prune_out_channels, g.order[:n].tolist()).prune()
+        group = graph.get_pruning_group(layer, pruner.prune_out_channels, g.order[:n].tolist())
+        for item in group:  # indices in the conv's current numbering: map them back to the original
+            conv = item.dep.target.module
+            if not isinstance(conv, nn.Conv2d) or conv not in names:
+                continue
+            side = "out" if graph.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            if side == "in" and not graph.is_in_channel_pruning_fn(item.dep.handler):
+                continue
+            record = kept.setdefault(
+                names[conv], {"in": list(range(conv.in_channels)), "out": list(range(conv.out_channels))}
+            )
+            gone = set(item.idxs)
+            record[side] = [c for k, c in enumerate(record[side]) if k not in gone]
+        group.prune()
     for norm, width in norms.items():  # whole groups went: the rest keep their width
         norm.num_groups = norm.num_channels // width
+    return kept

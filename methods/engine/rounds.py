@@ -52,7 +52,7 @@ def _trainer(method: Method, model: Detector, ctx: PruneContext) -> Trainer:
         data,
         schedule,
         seed=ctx.seed,
-        extra_loss=method.loss_hook(ctx),
+        extra_loss=method.loss_hook(ctx) if method.finetune_loss else None,
         desc=f"{method.name} training",
         progress=ctx.progress,
     )
@@ -116,7 +116,7 @@ def prune(method: Method, model: Detector, ctx: PruneContext, target: Target) ->
         if trainer is not None:
             trainer.steps(method.train_iterations, method.training_hooks(model, ctx))
         groups, seconds, cached, round_notes = _score(
-            method, model, ctx, shareable=r == 0 and trainer is None
+            method, model, ctx, shareable=r == 0 and trainer is None and method.shares_scores
         )
         scoring, cached_any, notes = scoring + seconds, cached_any or cached, notes or round_notes
         unscored |= set(original) - {g.root for g in groups}
@@ -132,7 +132,7 @@ def prune(method: Method, model: Detector, ctx: PruneContext, target: Target) ->
         probes += len(probe.cache)
         if by_channels and not any(counts.values()) and reached < target.rate - tol:
             raise MethodError(f"{target}: stuck at {achieved:.2%}: no allowed removal fits; lower round_to")
-        apply_removal(model, groups, counts)
+        method.after_removal(model, ctx, apply_removal(model, groups, counts))
         achieved = reached
         history.append(round(achieved, 6))
         r += 1
