@@ -21,19 +21,21 @@ def stat(r: Any, name: str, digits: int, scale: float = 1.0) -> str:
     return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
-def speedup(r: Any) -> str:
-    """One seed: the speed-up and its interval over the paired rounds; several: mean ± std."""
-    if math.isnan(r.speedup_core):
+def interval(r: Any, name: str) -> str:
+    """One seed: the speed-up ``name`` and its interval over the paired rounds; several: mean ± std."""
+    point = getattr(r, name)
+    if math.isnan(point):
         return MISSING
     if r.n > 1:
-        return stat(r, "speedup_core", 2)
-    return f"{r.speedup_core:.2f} [{r.speedup_core_lo:.2f}, {r.speedup_core_hi:.2f}]"
+        return stat(r, name, 2)
+    return f"{point:.2f} [{getattr(r, f'{name}_lo'):.2f}, {getattr(r, f'{name}_hi'):.2f}]"
+
+
+def speedup(r: Any) -> str:
+    """PyTorch's ``core()`` speed-up (``interval``)."""
+    return interval(r, "speedup_core")
 
 
 def ort_speedup(r: Any) -> str:
     """ONNX Runtime's speed-up as ``speedup`` gives PyTorch's."""
-    if math.isnan(r.speedup_ort):
-        return MISSING
-    if r.n > 1:
-        return stat(r, "speedup_ort", 2)
-    return f"{r.speedup_ort:.2f} [{r.speedup_ort_lo:.2f}, {r.speedup_ort_hi:.2f}]"
+    return interval(r, "speedup_ort")

@@ -19,6 +19,10 @@ from methods.engine.sizes import count_params
 SIZE = 64
 # the fast end of each method's knobs: the matrix checks wiring, the method tests check the math
 FAST_OPTIONS = {"groupfisher": {"d": 1, "channels_per_step": 64}, "px": {"rounds": 1}}
+# where params:0.3 is out of a method's reach by its definition: Slimming scores only channels a
+# norm scales, which hold 16.1% of this detector's parameters (its FPN convs have no norm, its
+# box head is linear layers), so the cell prunes to what it can reach
+TARGETS = {("tv:fasterrcnn_mobilenet_v3_large_fpn", "slimming"): "params:0.15"}
 
 
 def _samples(n: int) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
@@ -84,9 +88,10 @@ def test_detector_prunes_reloads_predicts_and_trains(detector: str, method: str,
     fixed = {id(m): m.weight.shape[0] for m in model.prune_ignored()}
     before = count_params(model)
     pruner = build_method(method, **FAST_OPTIONS.get(method, {}))
-    report = prune(pruner, model, ctx, Target.parse("params:0.3"))
+    target = Target.parse(TARGETS.get((detector, method), "params:0.3"))
+    report = prune(pruner, model, ctx, target)
 
-    assert abs(report.achieved["params"] - 0.3) <= ctx.tolerance
+    assert abs(report.achieved["params"] - target.rate) <= ctx.tolerance
     assert count_params(model) == report.params_after < before
     assert {id(m): m.weight.shape[0] for m in model.prune_ignored()} == fixed
 

@@ -17,6 +17,16 @@ from methods.slimming import norm_scales, slimming_scores, sparsity_penalty
 from runners.suite import load_suite
 
 
+def _scaled(model: nn.Module, seed: int, draw) -> nn.Module:
+    """Every BatchNorm's scale drawn by ``draw(size, generator)``: scores that differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(draw(m.num_features, generator=g))
+    return model.eval()
+
+
 def _by_channel(group) -> torch.Tensor:
     scores = torch.zeros(len(group.order), dtype=torch.float64)
     scores[group.order] = group.sorted_scores
@@ -56,12 +66,7 @@ def test_the_penalty_reaches_every_trainable_norm_scale(toy) -> None:
 
 def test_coupling_sum_adds_the_coupled_norms_and_root_takes_the_root_conv() -> None:
     torch.manual_seed(0)
-    model = build_detector("fcos", 3, "tiny", 64).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.randn(m.num_features, generator=g))
+    model = _scaled(build_detector("fcos", 3, "tiny", 64), 1, torch.randn)
     ctx = PruneContext()
     scored = {
         coupling: {
@@ -94,12 +99,7 @@ def test_bad_options_are_one_line() -> None:
 
 def test_slimming_prunes_globally_to_the_budget() -> None:
     torch.manual_seed(0)
-    model = build_detector("yolov8", 3, "tiny", 64).eval()
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g))
+    model = _scaled(build_detector("yolov8", 3, "tiny", 64), 2, torch.rand)
     report = prune(
         build_method("slimming"), model, PruneContext(round_to=1, progress=False), Target.parse("params:0.3")
     )
