@@ -89,23 +89,29 @@ def letterbox(images: list[Tensor], size: int, pad: float = 0.0) -> tuple[Tensor
     return batch, scales
 
 
+def centred_placement(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """Where Ultralytics' ``LetterBox(new_shape=size, auto=False)`` puts an ``h x w`` image:
+    resized by ``r = min(size / h, size / w)`` to ``round(w r) x round(h r)`` and centred, the
+    left and top padding ``round(d / 2 - 0.1)`` of the ``d`` pixels to fill (Ultralytics'
+    rounding). Returns ``(new_h, new_w, left, top)``."""
+    r = min(size / h, size / w)
+    nh, nw = max(round(h * r), 1), max(round(w * r), 1)
+    return nh, nw, round((size - nw) / 2 - 0.1), round((size - nh) / 2 - 0.1)
+
+
 def letterbox_centered(
     images: list[Tensor], size: int, pad: float = PAD_VALUE
 ) -> tuple[Tensor, list[tuple[float, float]], list[tuple[float, float]]]:
-    """Ultralytics' ``LetterBox(new_shape=size, auto=False)``: resize by ``r = min(size / H,
-    size / W)`` to ``round(W r) x round(H r)``, then pad both sides, the image centred (left and
-    top padding ``round(d / 2 - 0.1)`` of the ``d`` pixels to fill, as Ultralytics rounds them).
-    Returns the batch, each image's scale per axis ``(x, y)`` (the resized side over the original:
-    what Ultralytics' ``scale_boxes`` divides by) and its ``(left, top)`` offset in the batch."""
+    """Ultralytics' letterbox (``centred_placement``). Returns the batch, each image's scale per
+    axis ``(x, y)`` (the resized side over the original: what Ultralytics' ``scale_boxes``
+    divides by) and its ``(left, top)`` offset in the batch."""
     batch = images[0].new_full((len(images), 3, size, size), pad)
     scales, offsets = [], []
     for i, image in enumerate(images):
         h, w = image.shape[-2:]
-        r = min(size / h, size / w)
-        nh, nw = max(round(h * r), 1), max(round(w * r), 1)
+        nh, nw, left, top = centred_placement(h, w, size)
         if (nh, nw) != (h, w):
             image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-        left, top = round((size - nw) / 2 - 0.1), round((size - nh) / 2 - 0.1)
         batch[i, :, top : top + nh, left : left + nw] = image
         scales.append((nw / w, nh / h))
         offsets.append((float(left), float(top)))

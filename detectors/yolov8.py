@@ -61,6 +61,7 @@ from .common import (
     PAD_VALUE,
     BaseConv,
     LetterboxDetector,
+    centred_placement,
     detections,
     integral,
     letterbox,
@@ -258,7 +259,10 @@ class YOLOv8(LetterboxDetector):
         return self._letterbox(images)[0]
 
     def input_offsets(self, images: list[Tensor]) -> list[tuple[float, float]]:
-        return self._letterbox(images)[2] if self.pipeline == "ultralytics" else super().input_offsets(images)
+        if self.pipeline != "ultralytics":
+            return super().input_offsets(images)
+        placed = (centred_placement(*im.shape[-2:], self.input_size) for im in images)
+        return [(float(left), float(top)) for _, _, left, top in placed]
 
     def ultralytics_output(self, x: Tensor) -> Tensor:
         """What Ultralytics' ``Detect`` returns in inference (and ``yolo export format=onnx``

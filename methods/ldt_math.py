@@ -374,10 +374,9 @@ def map_instances(
 
     Each image is scaled by ``min(T_h / H, T_w / W)``: exact for an aspect-preserving resize
     whose limiting side is not padded (torchvision's transform with ``min_size = max_size``,
-    a size divisible by 32), then shifted by its ``offsets`` ``(x, y)`` where a centred
-    letterbox placed it (``Detector.input_offsets``; none: the top-left corner). Boxes that lie
-    outside the image, are inverted or not finite are dropped; returns the instances and how
-    many boxes were dropped.
+    a size divisible by 32), then shifted by ``offsets`` (``Detector.input_offsets``: a centred
+    letterbox's; none: the top-left corner). Boxes outside the image, inverted or not finite are
+    dropped; returns the instances and how many boxes were dropped.
     """
     th, tw = int(tensor_hw[0]), int(tensor_hw[1])
     boxes, labels, extents, dropped = [], [], [], 0

@@ -85,12 +85,12 @@ def thinet_refit(kept: Tensor, outputs: Tensor) -> Tensor:
 def _sample_contributions(conv: nn.Conv2d, x: Tensor, per_image: int, generator: torch.Generator) -> tuple:
     """``per_image`` random (output channel, location) positions per image of ``x`` (the conv's
     input): each input channel's contribution ``[m, C]`` there and the output channels sampled."""
-    b, c = x.shape[:2]
+    if isinstance(conv.padding, str):
+        raise MethodError("thinet: convs with string padding are not supported")
+    b = x.shape[0]
     out = conv.weight.shape[0]
     kh, kw = conv.kernel_size
     (sh, sw), (dh, dw), (ph, pw) = conv.stride, conv.dilation, conv.padding
-    if isinstance(conv.padding, str):
-        raise MethodError("thinet: convs with string padding are not supported")
     padded = F.pad(x, (pw, pw, ph, ph))
     oh = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
     ow = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
@@ -128,27 +128,18 @@ class ThiNet(CoupledCriterion):
             raise MethodError("thinet samples the next layers' inputs: the context has no calibration images")
         generator = torch.Generator().manual_seed(ctx.seed)
         parts: dict[str, list[tuple[Tensor, Tensor]]] = {}
-        handles = []
-        for name, conv in prunable_convs(model).items():
-            if conv.groups != 1:
-                continue
-
-            def hook(module: nn.Module, inputs: tuple, name: str = name) -> None:
-                sampled = _sample_contributions(module, inputs[0], self.options["samples"], generator)
-                parts.setdefault(name, []).append(sampled)
-
-            handles.append(conv.register_forward_pre_hook(hook))
-        # the fixed predictors read pruned channels too: their reconstruction counts as well
-        fixed = [m for m in model.prune_ignored() if isinstance(m, nn.Conv2d) and m.groups == 1]
         names = {m: n for n, m in model.named_modules()}
-        for conv in fixed:
+        # the fixed predictors read pruned channels too: their reconstruction counts as well
+        readers = [
+            *prunable_convs(model).values(),
+            *(m for m in model.prune_ignored() if isinstance(m, nn.Conv2d)),
+        ]
 
-            def fixed_hook(module: nn.Module, inputs: tuple, name: str = names[conv]) -> None:
-                parts.setdefault(name, []).append(
-                    _sample_contributions(module, inputs[0], self.options["samples"], generator)
-                )
+        def hook(module: nn.Module, inputs: tuple) -> None:
+            sampled = _sample_contributions(module, inputs[0], self.options["samples"], generator)
+            parts.setdefault(names[module], []).append(sampled)
 
-            handles.append(conv.register_forward_pre_hook(fixed_hook))
+        handles = [conv.register_forward_pre_hook(hook) for conv in readers if conv.groups == 1]
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device

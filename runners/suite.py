@@ -56,8 +56,7 @@ class Experiment:
     # a weights file the baseline starts from (torchvision's published COCO weights, say) instead
     # of the detector's random initialisation; ``$VARS`` expand; "" for none
     weights: str = ""
-    # read a pickled training checkpoint (Ultralytics' best.pt), which runs code from the file:
-    # the user's say-so, not a setting of the experiment (kept out of every id)
+    # may read a pickled best.pt (runs code from the file): the user's say-so, in no id
     trust: bool = False
 
     def to_dict(self) -> dict[str, Any]:
